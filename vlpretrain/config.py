@@ -1,0 +1,246 @@
+"""Typed experiment configs: dataclasses loaded from YAML with ``key.sub=value`` overrides.
+
+Each component owns a small dataclass (the model's is :class:`ModelConfig` below); the experiment
+config only composes them. Merging, YAML parsing and type checking are done by OmegaConf; this
+module adds presets and error messages that name the bad key and the closest valid one.
+
+Every field carries a docstring (the string literal under it); :func:`describe` turns those into
+help text for the command line.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A config that does not validate; the message names the key and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of the shared image/text transformer (see ``vlpretrain.models.presets``)."""
+
+    preset: Optional[str] = None
+    """Size preset to start from (debug, tiny, small, base, large); keys set here override it."""
+    image_size: int = 224
+    """Input image side in pixels (square)."""
+    patch_size: int = 16
+    """Patch side in pixels; image_size must be a multiple of it."""
+    in_chans: int = 3
+    """Image channels."""
+    width: int = 768
+    """Transformer width shared by image patches and text tokens."""
+    depth: int = 12
+    """Number of transformer blocks."""
+    num_heads: int = 12
+    """Attention heads per block; width must be a multiple of it."""
+    mlp_ratio: float = 4.0
+    """MLP hidden width as a multiple of width."""
+    qkv_bias: bool = True
+    """Bias on the fused qkv projection (timm ViT default)."""
+    norm_eps: float = 1e-6
+    """LayerNorm epsilon."""
+    vocab_size: int = 32000
+    """Text vocabulary size (set from the tokenizer by the trainer)."""
+    max_text_len: int = 64
+    """Longest text sequence (context length) including BOS/EOS."""
+    embed_dim: int = 512
+    """Width of the L2-normalised image/text embeddings (projection heads)."""
+    modality_experts: bool = False
+    """VLMo / BEiT-3 style experts: per-modality norms and MLPs, shared attention."""
+    text_embed_depth: int = 0
+    """Text is unimodal in the first K blocks: the text embedding is read after them and captions
+    attend to the image only from block K on (CoCa in one pass); 0 means all blocks / from block 0."""
+    patch_dropout: float = 0.0
+    """FLIP patch dropout: share of patches dropped at random in training (0 disables)."""
+    tie_word_embeddings: bool = True
+    """Tie lm_head to text_embed."""
+    attn_backend: Optional[str] = None
+    """Attention backend: sdpa, flex, flash_attn or eager (None: $VLPRETRAIN_ATTN, then sdpa)."""
+    pad_token_id: int = 0
+    """Padding token id."""
+    bos_token_id: int = 1
+    """Beginning-of-sequence token id (also the decoder start token)."""
+    eos_token_id: int = 2
+    """End-of-sequence token id."""
+    mask_token_id: int = 4
+    """Mask token id for masked token modelling."""
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first inconsistent key and the fix."""
+        from vlpretrain.layers.attention import BACKENDS
+
+        checks = [
+            (self.image_size % self.patch_size == 0, "model.image_size",
+             f"{self.image_size} is not a multiple of model.patch_size={self.patch_size}"),
+            (self.width % self.num_heads == 0, "model.width",
+             f"{self.width} is not a multiple of model.num_heads={self.num_heads}"),
+            (0 <= self.text_embed_depth <= self.depth, "model.text_embed_depth",
+             f"{self.text_embed_depth} must lie in [0, model.depth={self.depth}]"),
+            (0.0 <= self.patch_dropout < 1.0, "model.patch_dropout", f"{self.patch_dropout} must lie in [0, 1)"),
+            (self.attn_backend is None or self.attn_backend in BACKENDS, "model.attn_backend",
+             f"'{self.attn_backend}' is not one of {', '.join(BACKENDS)}"),
+            (self.max_text_len >= 2, "model.max_text_len", f"{self.max_text_len} leaves no room for BOS and EOS"),
+        ]
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id", "mask_token_id"):
+            value = getattr(self, name)
+            checks.append((0 <= value < self.vocab_size, f"model.{name}",
+                           f"{value} is outside the vocabulary [0, model.vocab_size={self.vocab_size})"))
+        for ok, key, why in checks:
+            if not ok:
+                raise ConfigError(f"{key}: {why}.")
+
+
+@dataclass
+class RunConfig:
+    """Where a run writes and how it is seeded."""
+
+    dir: str = "runs/default"
+    """Output folder of the run."""
+    seed: int = 0
+    """Global random seed."""
+
+
+@dataclass
+class ExperimentConfig:
+    """A whole experiment; each section is handed only to the component it configures."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+    def validate(self) -> None:
+        self.model.validate()
+
+
+# ----------------------------------------------------------------------------------------------
+# loading
+
+
+def _closest(key: str, options: list[str]) -> str:
+    match = difflib.get_close_matches(key, options, n=1, cutoff=0.5)
+    return f" Did you mean '{match[0]}'?" if match else f" Valid keys: {', '.join(sorted(options))}."
+
+
+def _dataclass_at(schema: Any, path: list[str]) -> Any:
+    """The dataclass type found by following ``path`` through nested dataclass fields."""
+    node = schema
+    for part in path:
+        if not dataclasses.is_dataclass(node):
+            return None
+        hit = {f.name: f for f in dataclasses.fields(node)}.get(part)
+        if hit is None:
+            return None
+        node = hit.type if not isinstance(hit.type, str) else _resolve_type(node, hit.name)
+    return node
+
+
+def _resolve_type(owner: type, name: str) -> Any:
+    import typing
+
+    return typing.get_type_hints(owner)[name]
+
+
+def _explain(exc: OmegaConfBaseException, schema: type, source: str) -> ConfigError:
+    full_key = getattr(exc, "full_key", None) or ""
+    if isinstance(exc, ConfigKeyError) and full_key:
+        parts = full_key.split(".")
+        owner = _dataclass_at(schema, parts[:-1])
+        if owner is not None and dataclasses.is_dataclass(owner):
+            names = [f.name for f in dataclasses.fields(owner)]
+            return ConfigError(
+                f"{source}: unknown config key '{full_key}'.{_closest(parts[-1], names)}"
+            )
+    msg = str(exc).splitlines()[0]
+    return ConfigError(f"{source}: invalid value for '{full_key}': {msg}")
+
+
+def apply_preset(raw: DictConfig) -> DictConfig:
+    """Replace ``model`` by the preset's values with the file's own model keys on top."""
+    from vlpretrain.models.presets import preset_values
+
+    model = raw.get("model") if isinstance(raw, DictConfig) else None
+    if model is None or model.get("preset") is None:
+        return raw
+    base = OmegaConf.create({"model": preset_values(model.preset)})
+    return OmegaConf.merge(base, raw)
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    schema: type = ExperimentConfig,
+) -> Any:
+    """Build a typed config from a YAML file and ``key.sub=value`` overrides.
+
+    Later sources win: dataclass defaults < preset < YAML file < overrides. Raises
+    :class:`ConfigError` naming an unknown key (with the closest valid one) or a mistyped value.
+    """
+    layers = []
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist; pass an existing YAML file.")
+        source = str(path)
+        layers.append(OmegaConf.load(path))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key.sub=value.")
+    if overrides:
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+    raw = OmegaConf.merge(*layers) if layers else OmegaConf.create({})
+    try:
+        raw = apply_preset(raw)
+        merged = OmegaConf.merge(OmegaConf.structured(schema), raw)
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise _explain(exc, schema, source if not overrides else f"{source} + overrides") from None
+    validate = getattr(cfg, "validate", None)
+    if callable(validate):
+        validate()
+    return cfg
+
+
+def to_yaml(cfg: Any) -> str:
+    """The resolved config as YAML (printed by the CLI and saved with every checkpoint)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Field name -> docstring (the string literal right under the field) of a dataclass."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
+                docs[node.target.id] = str(nxt.value.value)
+    return docs
+
+
+def describe(cls: type = ExperimentConfig, prefix: str = "") -> list[str]:
+    """``key: type = default  help`` lines for every leaf field, for ``--help`` output."""
+    import typing
+
+    lines = []
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        typ = hints[f.name]
+        if dataclasses.is_dataclass(typ):
+            lines += describe(typ, f"{prefix}{f.name}.")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else "[...]"
+        lines.append(f"{prefix}{f.name} = {default!r}  {docs.get(f.name, '')}".rstrip())
+    return lines

@@ -1,0 +1,203 @@
+"""The shared trunk: one pre-norm transformer reads image patches and text tokens.
+
+Parameter names follow timm's VisionTransformer (``patch_embed.proj``, ``cls_token``, ``pos_embed``,
+``blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}``, ``norm``) so a timm ViT checkpoint
+loads key-by-key into the image path. Text adds ``text_embed``, ``text_pos_embed``; modality
+experts add ``blocks.N.{text_norm1,text_norm2,text_mlp}`` and ``text_norm`` beside the image ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+from timm.layers import Mlp, PatchEmbed
+from torch.utils.checkpoint import checkpoint
+
+from vlpretrain.config import ModelConfig
+from vlpretrain.layers.attention import BACKENDS, Attention, AttentionLayout, KVCache, resolve_backend
+
+
+class Block(nn.Module):
+    """Pre-norm block; with experts, image and text tokens use their own norms and MLP."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        D, hidden = cfg.width, int(cfg.width * cfg.mlp_ratio)
+        self.norm1 = nn.LayerNorm(D, eps=cfg.norm_eps)
+        self.attn = Attention(D, cfg.num_heads, cfg.qkv_bias)
+        self.norm2 = nn.LayerNorm(D, eps=cfg.norm_eps)
+        self.mlp = Mlp(D, hidden, act_layer=nn.GELU)
+        self.experts = cfg.modality_experts
+        if self.experts:
+            self.text_norm1 = nn.LayerNorm(D, eps=cfg.norm_eps)
+            self.text_norm2 = nn.LayerNorm(D, eps=cfg.norm_eps)
+            self.text_mlp = Mlp(D, hidden, act_layer=nn.GELU)
+
+    def _per_modality(self, x, n_image, image_fn, text_fn):
+        if not self.experts:
+            return image_fn(x)
+        if n_image == 0:
+            return text_fn(x)
+        if n_image == x.shape[1]:
+            return image_fn(x)
+        return torch.cat([image_fn(x[:, :n_image]), text_fn(x[:, n_image:])], dim=1)
+
+    def forward(self, x, n_image: int, layout: AttentionLayout, layer: int, backend: str,
+                cache: KVCache | None = None):
+        """x: (B, L, D) with its first ``n_image`` tokens image tokens (0 on cached decode steps)."""
+        h = self._per_modality(x, n_image, self.norm1, lambda t: self.text_norm1(t))  # (B, L, D)
+        x = x + self.attn(h, layout, layer, backend, cache)  # (B, L, D)
+        h = self._per_modality(x, n_image, lambda t: self.mlp(self.norm2(t)),
+                               lambda t: self.text_mlp(self.text_norm2(t)))
+        return x + h
+
+
+@dataclass
+class BackboneOutput:
+    """Final-normed hidden states per modality, and raw hidden states after selected blocks."""
+
+    image: torch.Tensor | None  # (B, Ni, D): cls first, then kept patches
+    text: torch.Tensor | None  # (B, T, D)
+    layout: AttentionLayout
+    layer_hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # k -> (B, L, D) after k blocks
+    keep_idx: torch.Tensor | None = None  # (B, n_keep) patch indices that entered, if dropped
+
+
+class VLBackbone(nn.Module):
+    """Patch/text embeddings, a stack of shared blocks and the final norm(s)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.image_size % cfg.patch_size:
+            raise ValueError(f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}.")
+        self.cfg = cfg
+        D = cfg.width
+        self.patch_embed = PatchEmbed(cfg.image_size, cfg.patch_size, cfg.in_chans, D)
+        self.num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.pos_embed = nn.Parameter(torch.randn(1, 1 + self.num_patches, D) * 0.02)
+        self.text_embed = nn.Embedding(cfg.vocab_size, D)
+        self.text_pos_embed = nn.Parameter(torch.randn(1, cfg.max_text_len, D) * 0.01)
+        self.modality_embed = nn.Parameter(torch.zeros(2, D))  # [image, text]; zero keeps timm parity
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(D, eps=cfg.norm_eps)
+        self.text_norm = nn.LayerNorm(D, eps=cfg.norm_eps) if cfg.modality_experts else self.norm
+        self.attn_backend = resolve_backend(cfg.attn_backend)
+        self.grad_checkpointing = False
+
+    # -- switches -----------------------------------------------------------------------------
+    def set_attn_backend(self, name: str) -> None:
+        if name not in BACKENDS:
+            raise ValueError(f"unknown attention backend '{name}'; valid: {', '.join(BACKENDS)}.")
+        self.attn_backend = name
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    def no_weight_decay(self) -> set[str]:
+        return {"cls_token", "pos_embed", "text_pos_embed", "modality_embed", "text_embed.weight"}
+
+    # -- input checks -------------------------------------------------------------------------
+    def check_pixels(self, pixel_values: torch.Tensor) -> None:
+        c = self.cfg
+        want = (c.in_chans, c.image_size, c.image_size)
+        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != want:
+            raise ValueError(f"pixel_values has shape {tuple(pixel_values.shape)}; expected (B, {want[0]}, "
+                             f"{want[1]}, {want[2]}) for this model (resize images with VLProcessor).")
+
+    def check_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, offset: int = 0):
+        c = self.cfg
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids has shape {tuple(input_ids.shape)}; expected (B, T).")
+        if input_ids.dtype not in (torch.long, torch.int, torch.int16, torch.uint8):
+            raise ValueError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}.")
+        if offset + input_ids.shape[1] > c.max_text_len:
+            raise ValueError(f"input_ids has {offset + input_ids.shape[1]} positions; the model's "
+                             f"max_text_len is {c.max_text_len} (truncate the text).")
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= c.vocab_size):
+            raise ValueError(f"input_ids holds ids in [{int(input_ids.min())}, {int(input_ids.max())}]; "
+                             f"expected 0 <= id < vocab_size={c.vocab_size} (does the tokenizer match?).")
+        if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected "
+                             f"{tuple(input_ids.shape)}, the shape of input_ids.")
+
+    # -- embeddings ---------------------------------------------------------------------------
+    def random_keep(self, batch: int, keep: int, device) -> torch.Tensor:
+        """(B, keep) random patch indices, sorted, for FLIP patch dropout or MAE masking."""
+        noise = torch.rand(batch, self.num_patches, device=device)
+        return noise.argsort(dim=1)[:, :keep].sort(dim=1).values
+
+    def embed_image(self, pixel_values, keep_idx=None):
+        """(B, C, H, W) -> (B, 1 + n_keep, D): cls token first, then the kept patches."""
+        x = self.patch_embed(pixel_values) + self.pos_embed[:, 1:]  # (B, N, D)
+        if keep_idx is not None:
+            x = torch.gather(x, 1, keep_idx[..., None].expand(-1, -1, x.shape[-1]))
+        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
+        return torch.cat([cls, x], dim=1) + self.modality_embed[0]
+
+    def embed_text(self, input_ids, offset: int = 0):
+        """(B, T) -> (B, T, D), positions counted from ``offset`` (cached tokens)."""
+        T = input_ids.shape[1]
+        return self.text_embed(input_ids) + self.text_pos_embed[:, offset:offset + T] + self.modality_embed[1]
+
+    def final_norm(self, hidden: torch.Tensor, n_image: int):
+        """Apply the final norm(s) to raw hidden states (B, L, D) -> (image part, text part)."""
+        img = self.norm(hidden[:, :n_image]) if n_image else None
+        txt = self.text_norm(hidden[:, n_image:]) if hidden.shape[1] > n_image else None
+        return img, txt
+
+    # -- forward ------------------------------------------------------------------------------
+    def forward(self, pixel_values=None, input_ids=None, attention_mask=None, *, layout: str | None = None,
+                text_causal: bool = True, cross_from_layer: int = 0, keep_idx=None, depth: int | None = None,
+                output_layers: tuple[int, ...] = (), cache: KVCache | None = None) -> BackboneOutput:
+        """Run the first ``depth`` blocks (all by default) on image and/or text under a layout.
+
+        layout: image | text | prefix_lm | fused | separate; default from the inputs given
+        (image only: image, text only: text, both: prefix_lm). ``cache`` enables incremental
+        decoding: the first call fills it, later calls pass only the new ``input_ids``.
+        """
+        decoding = cache is not None and cache.layers
+        if pixel_values is None and input_ids is None:
+            raise ValueError("pass pixel_values, input_ids or both.")
+        parts, n_image = [], 0
+        if pixel_values is not None:
+            self.check_pixels(pixel_values)
+            if keep_idx is None and self.training and self.cfg.patch_dropout > 0:
+                n_keep = max(1, int(round(self.num_patches * (1 - self.cfg.patch_dropout))))
+                keep_idx = self.random_keep(pixel_values.shape[0], n_keep, pixel_values.device)
+            parts.append(self.embed_image(pixel_values, keep_idx))
+            n_image = parts[0].shape[1]
+        offset = cache.n_text if decoding else 0
+        text_valid = None
+        if input_ids is not None:
+            self.check_text(input_ids, attention_mask, offset)
+            parts.append(self.embed_text(input_ids, offset))
+            text_valid = attention_mask.bool() if attention_mask is not None else None
+        if decoding:
+            n_image, kind, cross_from_layer = cache.n_image, cache.kind, cache.cross_from_layer
+        else:
+            kind = layout or ("prefix_lm" if len(parts) == 2 else ("image" if pixel_values is not None else "text"))
+        n_text = input_ids.shape[1] + offset if input_ids is not None else 0
+        if decoding and text_valid is not None:
+            raise ValueError("attention_mask is not supported for cached decoding steps.")
+        spec = AttentionLayout(kind, n_image, n_text, text_causal, text_valid, cross_from_layer)
+        x = torch.cat(parts, dim=1)  # (B, L, D)
+        if cache is not None:
+            cache.n_image, cache.n_text, cache.kind, cache.cross_from_layer = n_image, n_text, kind, cross_from_layer
+
+        depth = self.cfg.depth if depth is None else depth
+        n_img_here = 0 if decoding else n_image
+        hidden = {}
+        for i, block in enumerate(self.blocks[:depth]):
+            if i in output_layers:
+                hidden[i] = x
+            if self.grad_checkpointing and torch.is_grad_enabled() and cache is None:
+                x = checkpoint(block, x, n_img_here, spec, i, self.attn_backend, None, use_reentrant=False)
+            else:
+                x = block(x, n_img_here, spec, i, self.attn_backend, cache)
+        if depth in output_layers:
+            hidden[depth] = x
+        img, txt = self.final_norm(x, n_img_here)
+        return BackboneOutput(img, txt, spec, hidden, keep_idx)
