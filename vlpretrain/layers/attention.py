@@ -249,6 +249,9 @@ def attend(q, k, v, layout: AttentionLayout, layer: int, backend: str, q_offset:
             backend = _fallback(backend, f"layout '{layout.kind}' at block {layer} or a KV-cache step")
         else:
             return _flash(q, k, v, layout, causal)
+    if backend == "flex" and q.device.type == "cpu" and torch.is_grad_enabled() and (
+            q.requires_grad or k.requires_grad or v.requires_grad):
+        backend = _fallback(backend, "FlexAttention has no backward on the CPU")
     if backend == "flex":
         return _flex(q, k, v, layout.block_mask(layer, q_offset, n_query, q.device))
     if backend == "sdpa" and layout.is_plain_causal(q_offset, n_query):

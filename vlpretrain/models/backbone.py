@@ -83,9 +83,10 @@ class VLBackbone(nn.Module):
         self.modality_embed = nn.Parameter(torch.zeros(2, D))  # [image, text]; zero keeps timm parity
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(D, eps=cfg.norm_eps)
-        self.text_norm = nn.LayerNorm(D, eps=cfg.norm_eps) if cfg.modality_experts else self.norm
+        if cfg.modality_experts:
+            self.text_norm = nn.LayerNorm(D, eps=cfg.norm_eps)
         self.attn_backend = resolve_backend(cfg.attn_backend)
-        self.grad_checkpointing = False
+        self.gradient_checkpointing = False  # the attribute HF's activation_checkpointing_enable sets
 
     # -- switches -----------------------------------------------------------------------------
     def set_attn_backend(self, name: str) -> None:
@@ -94,7 +95,7 @@ class VLBackbone(nn.Module):
         self.attn_backend = name
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
+        self.gradient_checkpointing = enable
 
     def no_weight_decay(self) -> set[str]:
         return {"cls_token", "pos_embed", "text_pos_embed", "modality_embed", "text_embed.weight"}
@@ -145,7 +146,8 @@ class VLBackbone(nn.Module):
     def final_norm(self, hidden: torch.Tensor, n_image: int):
         """Apply the final norm(s) to raw hidden states (B, L, D) -> (image part, text part)."""
         img = self.norm(hidden[:, :n_image]) if n_image else None
-        txt = self.text_norm(hidden[:, n_image:]) if hidden.shape[1] > n_image else None
+        text_norm = self.text_norm if self.cfg.modality_experts else self.norm
+        txt = text_norm(hidden[:, n_image:]) if hidden.shape[1] > n_image else None
         return img, txt
 
     # -- forward ------------------------------------------------------------------------------
@@ -193,7 +195,7 @@ class VLBackbone(nn.Module):
         for i, block in enumerate(self.blocks[:depth]):
             if i in output_layers:
                 hidden[i] = x
-            if self.grad_checkpointing and torch.is_grad_enabled() and cache is None:
+            if self.gradient_checkpointing and torch.is_grad_enabled() and cache is None:
                 x = checkpoint(block, x, n_img_here, spec, i, self.attn_backend, None, use_reentrant=False)
             else:
                 x = block(x, n_img_here, spec, i, self.attn_backend, cache)
