@@ -127,9 +127,11 @@ class ExperimentConfig:
 # loading
 
 
-def _closest(key: str, options: list[str]) -> str:
+def _closest(key: str, options: list[str], prefix: str = "") -> str:
     match = difflib.get_close_matches(key, options, n=1, cutoff=0.5)
-    return f" Did you mean '{match[0]}'?" if match else f" Valid keys: {', '.join(sorted(options))}."
+    if match:
+        return f" Did you mean '{prefix}{match[0]}'?"
+    return f" Valid keys here: {', '.join(prefix + o for o in sorted(options))}."
 
 
 def _dataclass_at(schema: Any, path: list[str]) -> Any:
@@ -158,9 +160,8 @@ def _explain(exc: OmegaConfBaseException, schema: type, source: str) -> ConfigEr
         owner = _dataclass_at(schema, parts[:-1])
         if owner is not None and dataclasses.is_dataclass(owner):
             names = [f.name for f in dataclasses.fields(owner)]
-            return ConfigError(
-                f"{source}: unknown config key '{full_key}'.{_closest(parts[-1], names)}"
-            )
+            prefix = ".".join(parts[:-1]) + "." if len(parts) > 1 else ""
+            return ConfigError(f"{source}: unknown config key '{full_key}'.{_closest(parts[-1], names, prefix)}")
     msg = str(exc).splitlines()[0]
     return ConfigError(f"{source}: invalid value for '{full_key}': {msg}")
 
@@ -172,7 +173,11 @@ def apply_preset(raw: DictConfig) -> DictConfig:
     model = raw.get("model") if isinstance(raw, DictConfig) else None
     if model is None or model.get("preset") is None:
         return raw
-    base = OmegaConf.create({"model": preset_values(model.preset)})
+    try:
+        values = preset_values(model.preset)
+    except ValueError as exc:
+        raise ConfigError(f"model.preset: {exc}") from None
+    base = OmegaConf.create({"model": values})
     return OmegaConf.merge(base, raw)
 
 

@@ -1,0 +1,89 @@
+"""Typed configs: YAML + overrides, presets, clear errors, and every shipped config builds (tier 4)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vlpretrain import VLConfig, VLModel
+from vlpretrain.config import ConfigError, ExperimentConfig, describe, load_config, to_yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+
+
+def write(tmp_path, text: str) -> Path:
+    path = tmp_path / "exp.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_preset_then_file_then_overrides(tmp_path):
+    path = write(tmp_path, "model:\n  preset: debug\n  depth: 3\nrun:\n  seed: 7\n")
+    cfg = load_config(path, ["model.num_heads=4", "run.dir=out/x"])
+    assert isinstance(cfg, ExperimentConfig)
+    assert (cfg.model.width, cfg.model.depth, cfg.model.num_heads) == (64, 3, 4)  # preset, file, override
+    assert (cfg.run.seed, cfg.run.dir) == (7, "out/x")
+    assert load_config(None, ["model.preset=base"]).model.width == 768
+
+
+def test_resolved_config_prints_and_loads_back(tmp_path):
+    cfg = load_config(write(tmp_path, "model:\n  preset: tiny\n  modality_experts: true\n"))
+    again = load_config(write(tmp_path, to_yaml(cfg)))
+    assert again == cfg
+
+
+@pytest.mark.parametrize("text,overrides,match", [
+    ("model:\n  widht: 3\n", [], r"exp.yaml: unknown config key 'model.widht'. Did you mean 'model.width'\?"),
+    ("", ["modle.depth=2"], r"unknown config key 'modle'. Did you mean 'model'\?"),
+    ("", ["model.depth=abc"], r"invalid value for 'model.depth'.*'abc'"),
+    ("", ["model.preset=huge"], r"model.preset: unknown model preset 'huge'; valid presets: debug, tiny"),
+    ("", ["model.width=100", "model.num_heads=3"], r"model.width: 100 is not a multiple of model.num_heads=3"),
+    ("", ["model.attn_backend=fast"], r"model.attn_backend: 'fast' is not one of sdpa"),
+    ("", ["model.eos_token_id=50000"], r"model.eos_token_id: 50000 is outside the vocabulary"),
+    ("", ["depth"], r"override 'depth' is not of the form key.sub=value"),
+])
+def test_bad_config_names_the_key_and_the_fix(tmp_path, text, overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(write(tmp_path, text), overrides)
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_every_key_has_help_text():
+    lines = describe()
+    assert any(line.startswith("model.text_embed_depth = 0  Text is unimodal") for line in lines)
+    undocumented = [line for line in lines if line.split("  ", 1)[-1] == line]
+    assert not undocumented, undocumented
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_shipped_config_validates_and_builds(path):
+    cfg = load_config(path)
+    VLConfig.from_model_config(cfg.model)  # validates
+    if cfg.model.preset in ("debug", "tiny"):
+        assert VLModel(VLConfig.from_model_config(cfg.model)).num_parameters() > 0
+
+
+def test_every_experiment_has_a_cpu_debug_twin():
+    names = {p.stem for p in CONFIGS}
+    for name in names:
+        if not name.endswith("-debug"):
+            assert f"{name}-debug" in names, f"configs/{name}.yaml has no CPU twin {name}-debug.yaml"
+
+
+def test_cli_prints_resolved_config_and_reports_bad_keys(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "vlpretrain", "config", "--config", str(CONFIGS[0]), "model.depth=3"]
+    ok = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert ok.returncode == 0, ok.stderr
+    assert "depth: 3" in ok.stdout
+    bad = subprocess.run(cmd[:-1] + ["model.deph=3"], capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "Did you mean 'model.depth'" in bad.stderr
