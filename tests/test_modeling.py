@@ -108,3 +108,19 @@ def test_inconsistent_architecture_is_a_clear_error():
         VLModel(VLConfig(width=100, num_heads=3))
     with pytest.raises(ValueError, match="model.image_size: 30 is not a multiple of model.patch_size=8"):
         VLModel(VLConfig(image_size=30, patch_size=8))
+
+
+@pytest.mark.parametrize("backend", ["eager", "sdpa"])
+def test_bf16_autocast_stays_close_to_fp32(backend):
+    model = make_model("debug").eval()
+    model.set_attn_backend(backend)
+    px = torch.randn(2, 3, 32, 32)
+    ids, mask = make_text(2, 8, 1024, [8, 5])
+    with torch.no_grad():
+        ref = model(pixel_values=px, input_ids=ids, attention_mask=mask, labels=ids)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(pixel_values=px, input_ids=ids, attention_mask=mask, labels=ids)
+    assert low.logits.dtype == torch.bfloat16 and torch.isfinite(low.logits).all()
+    assert abs(low.loss.item() - ref.loss.item()) < 0.02 * ref.loss.item()
+    rel = (low.logits.float() - ref.logits).norm() / ref.logits.norm()
+    assert rel < 0.05, rel
