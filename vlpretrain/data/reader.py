@@ -144,24 +144,27 @@ def _tar_members(url: str) -> Iterator[tuple[str, bytes]]:
     except Exception as exc:  # noqa: BLE001 - any failure to open is reported as unreadable
         raise _Unreadable(f"{type(exc).__name__}: {exc}") from None
     reader = _TailReader(stream)
-    seen_any = False
+    seen_any, name = False, None
     try:
         with tarfile.open(fileobj=reader, mode="r|*") as tar:
             for member in tar:
                 if not member.isfile():
                     continue
+                name = member.name
                 data = tar.extractfile(member).read()
                 if len(data) != member.size:
                     raise tarfile.ReadError("unexpected end of data")
                 seen_any = True
-                yield member.name, data
+                yield name, data
+            name = None
             if not reader.ended_properly(tar.offset):
-                raise _Truncated("no end-of-archive block")
+                raise _Truncated("no end-of-archive block", None)
     except (_Truncated, GeneratorExit):
         raise
     except Exception as exc:  # noqa: BLE001 - tarfile/pipe/network errors all mean a damaged shard
-        kind = _Truncated if seen_any else _Unreadable
-        raise kind(f"{type(exc).__name__}: {exc}") from None
+        if not seen_any:
+            raise _Unreadable(f"{type(exc).__name__}: {exc}") from None
+        raise _Truncated(f"{type(exc).__name__}: {exc}", name) from None
     finally:
         try:
             stream.close()
@@ -170,7 +173,11 @@ def _tar_members(url: str) -> Iterator[tuple[str, bytes]]:
 
 
 class _Truncated(Exception):
-    pass
+    """The shard ends early; ``member`` is the member being read when it did (None: between members)."""
+
+    def __init__(self, detail: str, member: str | None):
+        super().__init__(detail)
+        self.member = member
 
 
 class _Unreadable(Exception):
@@ -180,16 +187,24 @@ class _Unreadable(Exception):
 def _grouped(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {ext: bytes}) for consecutive members sharing a key; a repeated ext starts a new group."""
     key, parts = None, {}
-    for name, data in _tar_members(url):
-        match = _KEY_EXT.match(name)
-        if match is None or Path(name).name.startswith("__"):
-            continue
-        k, ext = match.group(1), match.group(2).lower()
-        if k != key or ext in parts:
-            if key is not None:
-                yield key, parts
-            key, parts = k, {}
-        parts[ext] = data
+    try:
+        for name, data in _tar_members(url):
+            match = _KEY_EXT.match(name)
+            if match is None or Path(name).name.startswith("__"):
+                continue
+            k, ext = match.group(1), match.group(2).lower()
+            if k != key or ext in parts:
+                if key is not None:
+                    yield key, parts
+                key, parts = k, {}
+            parts[ext] = data
+    except _Truncated as cut:
+        # the sample being read is lost; the one before it is whole if the cut is in another key's
+        # member (a cut between members leaves it unknowable whether more of it was to come)
+        match = _KEY_EXT.match(cut.member or "")
+        if key is not None and match is not None and match.group(1) != key:
+            yield key, parts
+        raise
     if key is not None:
         yield key, parts
 

@@ -6,7 +6,7 @@ Design (every random choice derives from ``(seed, epoch, rank, worker)``, nothin
    every rank), then global worker ``g = rank * num_workers + worker`` takes shards ``g, g + R*W, ...``
    so each shard is read by exactly one worker of one rank per epoch. ``resampled`` mode: each worker
    draws ``ceil(shards / (R*W))`` shards with replacement (per-source weights) for its "epoch"; the
-   stream is endless because epochs follow one another.
+   stream is endless because epochs follow one another, and only full batches are delivered.
 2. **Raw samples** (:mod:`vlpretrain.data.reader`) go through a seeded shuffle buffer holding
    *encoded* bytes; bad ones are skipped and counted by reason and shard.
 3. Each sample leaving the buffer has a position ``i`` in its worker's stream; its caption draw and
@@ -156,7 +156,7 @@ class ShardDataset(IterableDataset):
                 if len(items) == self.batch_size:
                     yield self._batch(items, worker, cursor, skips)
                     items = []
-            if items:
+            if items and not self.resampled:  # resampled: full batches only (samples are redrawn anyway)
                 yield self._batch(items, worker, cursor, skips)
         yield {"_worker": worker, "_end": True, "_cursor": cursor, "_skipped": skips.take()}
 
