@@ -2,6 +2,7 @@
 
 from transformers import AutoConfig, AutoModel
 
+from vlpretrain.data.processor import VLProcessor
 from vlpretrain.models.modeling import VLConfig, VLModel, VLModelOutput
 
 __version__ = "0.1.0"
@@ -9,4 +10,4 @@ __version__ = "0.1.0"
 AutoConfig.register(VLConfig.model_type, VLConfig, exist_ok=True)
 AutoModel.register(VLConfig, VLModel, exist_ok=True)
 
-__all__ = ["VLConfig", "VLModel", "VLModelOutput", "__version__"]
+__all__ = ["VLConfig", "VLModel", "VLModelOutput", "VLProcessor", "__version__"]

@@ -25,6 +25,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keys", action="store_true", help="list every config key with its type and help")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     p.set_defaults(func=_cmd_config)
+
+    from vlpretrain.data import synthetic, tokenizer, writer
+
+    synthetic.add_cli(sub)
+    writer.add_cli(sub)
+    tokenizer.add_cli(sub)
     return parser
 
 
@@ -34,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except ConfigError as exc:
+    except (ConfigError, ValueError, FileNotFoundError, FileExistsError) as exc:  # bad input, not a bug
         print(f"vlpretrain {args.command}: {exc}", file=sys.stderr)
         return 2
 

@@ -113,14 +113,82 @@ class RunConfig:
 
 
 @dataclass
+class DataConfig:
+    """WebDataset shards and how they are read (see ``vlpretrain.data.shards`` and data/README.md).
+
+    Image size and context length come from the model config and the batch size from the trainer;
+    this section only says where the samples are and how they are streamed.
+    """
+
+    train: str = "data/synth/train"
+    """Training shards: a folder of .tar files, a brace pattern (``shards/{00000..00099}.tar``),
+    http(s):// URLs or ``pipe:CMD`` commands; several sources separated by ``::``."""
+    val: str | None = "data/synth/val"
+    """Validation shards (same syntax); read once in order, without augmentation. None: no validation."""
+    train_weights: list[float] | None = None
+    """Sampling weight of each ``::`` source of data.train (resampled mode only); None: equal weights."""
+    mode: str = "epoch"
+    """epoch: every training sample once per epoch; resampled: shards drawn with replacement, endless."""
+    tokenizer: str = "data/synth/tokenizer"
+    """Local HuggingFace tokenizer folder (``vlpretrain tokenizer`` writes one)."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank (0: read in the main process)."""
+    shuffle_buffer: int = 1000
+    """Samples (raw bytes, not decoded) held for shuffling across shards; 0 or 1 disables sample shuffling."""
+    crop_scale: list[float] = field(default_factory=lambda: [0.9, 1.0])
+    """Area range of the training random resized crop (OpenCLIP's default; ImageNet uses 0.08-1)."""
+    crop_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
+    """Aspect-ratio range of the training random resized crop."""
+    hflip: bool = False
+    """Random horizontal flips in training; off by default because captions say left and right."""
+    mean: list[float] = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
+    """Per-channel normalisation mean (OpenAI CLIP's)."""
+    std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
+    """Per-channel normalisation std (OpenAI CLIP's)."""
+    max_image_pixels: int = 89_478_485
+    """Images with more pixels (read from the header, before decoding) are skipped and counted."""
+    timeout: float = 600.0
+    """Seconds to wait for one batch from a worker before failing loudly instead of hanging."""
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first inconsistent key and the fix."""
+        n_sources = len(self.train.split("::"))
+        checks = [
+            (self.mode in ("epoch", "resampled"), "data.mode", f"'{self.mode}' is not one of epoch, resampled"),
+            (self.num_workers >= 0, "data.num_workers", f"{self.num_workers} must be >= 0"),
+            (self.shuffle_buffer >= 0, "data.shuffle_buffer", f"{self.shuffle_buffer} must be >= 0"),
+            (len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1,
+             "data.crop_scale", f"{self.crop_scale} must be [low, high] with 0 < low <= high <= 1"),
+            (len(self.crop_ratio) == 2 and 0 < self.crop_ratio[0] <= self.crop_ratio[1],
+             "data.crop_ratio", f"{self.crop_ratio} must be [low, high] with 0 < low <= high"),
+            (len(self.mean) == 3 and len(self.std) == 3 and min(self.std) > 0, "data.mean/data.std",
+             "need three values each and a positive std"),
+            (self.max_image_pixels > 0, "data.max_image_pixels", f"{self.max_image_pixels} must be > 0"),
+            (self.timeout > 0, "data.timeout", f"{self.timeout} must be > 0 seconds"),
+            (self.train_weights is None or len(self.train_weights) == n_sources, "data.train_weights",
+             (f"{self.train_weights} has {len(self.train_weights or [])} weights for {n_sources} "
+              "'::'-separated sources in data.train; give one weight per source")),
+            (self.train_weights is None or (min(self.train_weights) >= 0 and sum(self.train_weights) > 0),
+             "data.train_weights", "weights must be >= 0 with a positive sum"),
+            (self.train_weights is None or self.mode == "resampled", "data.train_weights",
+             "source weights only apply when shards are drawn; set data.mode=resampled or drop the weights"),
+        ]
+        for ok, key, why in checks:
+            if not ok:
+                raise ConfigError(f"{key}: {why}.")
+
+
+@dataclass
 class ExperimentConfig:
     """A whole experiment; each section is handed only to the component it configures."""
 
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
 
     def validate(self) -> None:
         self.model.validate()
+        self.data.validate()
 
 
 # ----------------------------------------------------------------------------------------------

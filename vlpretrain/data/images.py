@@ -1,0 +1,141 @@
+"""Image decoding and transforms: the one place where bytes become normalised pixels.
+
+Decoding reads the header first (size check before any pixel is decoded), asks the JPEG decoder for
+a reduced-size image when the target is much smaller (PIL ``draft``: DCT scaling, 2-8x less work),
+applies the EXIF orientation and converts every mode to RGB (alpha composited on white, 16-bit
+greyscale scaled, CMYK/palette converted). Transforms are torchvision's: random resized crop for
+training (no flip unless asked: captions say left and right), resize + centre crop for evaluation.
+Workers produce uint8 tensors; :meth:`ImageTransform.normalize` turns a whole batch into floats.
+
+The same :class:`ImageTransform` serves the training pipeline and :class:`VLProcessor`.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torchvision.transforms import InterpolationMode, v2
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class BadSample(Exception):
+    """A sample that must be skipped; ``reason`` is the counter it is reported under."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ImageSettings:
+    """Everything that defines the image side of the input (saved with a processor)."""
+
+    size: int = 224
+    mean: tuple[float, ...] = OPENAI_CLIP_MEAN
+    std: tuple[float, ...] = OPENAI_CLIP_STD
+    crop_scale: tuple[float, float] = (0.9, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: bool = False
+    max_pixels: int = 89_478_485
+    interpolation: str = field(default="bicubic")
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ImageSettings:
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB: alpha composited on white, 16/32-bit greyscale scaled to 8 bits."""
+    if img.mode == "RGB":
+        return img
+    if img.mode.startswith("I;16") or img.mode == "I":
+        arr = np.asarray(img).astype(np.int64)  # (H, W) 16-bit range
+        img = Image.fromarray((np.clip(arr, 0, 65535) >> 8).astype(np.uint8), "L")
+    elif img.mode == "F":
+        img = Image.fromarray(np.clip(np.asarray(img), 0, 255).astype(np.uint8), "L")
+    has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        background.alpha_composite(rgba)
+        return background.convert("RGB")
+    return img.convert("RGB")
+
+
+class ImageTransform:
+    """Bytes or PIL image -> uint8 (3, S, S) tensor; batches -> normalised float.
+
+    ``train=True``: random resized crop (+ optional flip) driven by a per-sample seed, so a sample's
+    augmentation depends only on where it sits in the stream (exact resume). ``train=False``:
+    resize the shorter side to S, centre crop S x S.
+    """
+
+    def __init__(self, settings: ImageSettings, train: bool):
+        self.settings = settings
+        self.train = train
+        s = settings
+        interp = InterpolationMode(s.interpolation)
+        if train:
+            steps = [v2.RandomResizedCrop(s.size, scale=s.crop_scale, ratio=s.crop_ratio,
+                                          interpolation=interp, antialias=True)]
+            if s.hflip:
+                steps.append(v2.RandomHorizontalFlip())
+            # smallest crop side is sqrt(min area) of the image side: decode at least size/sqrt(low)
+            self.decode_side = math.ceil(s.size / math.sqrt(s.crop_scale[0]))
+        else:
+            steps = [v2.Resize(s.size, interpolation=interp, antialias=True), v2.CenterCrop(s.size)]
+            self.decode_side = s.size
+        self.transform = v2.Compose(steps + [v2.PILToTensor()])
+        self.mean = torch.tensor(s.mean).view(1, 3, 1, 1)  # (1, 3, 1, 1)
+        self.std = torch.tensor(s.std).view(1, 3, 1, 1)  # (1, 3, 1, 1)
+
+    # -- decoding -------------------------------------------------------------------------------
+    def decode(self, data: bytes) -> Image.Image:
+        """Header check, early-downscaled decode, EXIF orientation, RGB. Raises :class:`BadSample`."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            try:
+                img = Image.open(io.BytesIO(data))  # reads the header only
+            except Image.DecompressionBombError as exc:
+                raise BadSample("image_too_large", str(exc)) from None
+            except Exception as exc:  # noqa: BLE001 - any unreadable header is a bad sample
+                raise BadSample("undecodable_image", f"{type(exc).__name__}: {exc}") from None
+            if img.width * img.height > self.settings.max_pixels:
+                raise BadSample("image_too_large", f"{img.width}x{img.height} pixels > "
+                                f"max_image_pixels={self.settings.max_pixels}")
+            if img.format == "JPEG":
+                img.draft("RGB", (self.decode_side, self.decode_side))  # DCT scaling, never below
+            try:
+                img.load()
+                img = ImageOps.exif_transpose(img)
+                return to_rgb(img)
+            except Exception as exc:  # noqa: BLE001 - truncated or corrupt pixel data
+                raise BadSample("undecodable_image", f"{type(exc).__name__}: {exc}") from None
+
+    def prepare(self, img: Image.Image) -> Image.Image:
+        """A caller's PIL image -> RGB with EXIF orientation applied (what :meth:`decode` returns)."""
+        return to_rgb(ImageOps.exif_transpose(img))
+
+    # -- transforms -----------------------------------------------------------------------------
+    def __call__(self, img: Image.Image, seed: int | None = None) -> torch.Tensor:
+        """RGB PIL image -> uint8 (3, S, S). ``seed`` fixes the random crop (training)."""
+        if not self.train or seed is None:
+            return self.transform(img)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.transform(img)
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, S, S) -> float32 (B, 3, S, S), scaled to [0, 1] then standardised."""
+        return (pixels.float().div_(255.0) - self.mean) / self.std
