@@ -185,10 +185,15 @@ class ExperimentConfig:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    objectives: list[dict[str, Any]] = field(default_factory=lambda: [{"name": "contrastive", "weight": 1.0}])
+    """Training objectives: a list of {name, weight, keys of that objective's config}; see vlpretrain.objectives."""
 
     def validate(self) -> None:
+        from vlpretrain.objectives import validate_objective_entries
+
         self.model.validate()
         self.data.validate()
+        validate_objective_entries(self.objectives)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,10 +275,15 @@ def load_config(
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key.sub=value.")
-    if overrides:
-        layers.append(OmegaConf.from_dotlist(list(overrides)))
     raw = OmegaConf.merge(*layers) if layers else OmegaConf.create({})
     try:
+        if overrides:  # applied in place so that list items can be addressed: objectives.0.loss=siglip
+            for f in dataclasses.fields(schema):
+                if f.name not in raw and f.default_factory is not dataclasses.MISSING:
+                    default = f.default_factory()
+                    if isinstance(default, list):
+                        raw[f.name] = default
+            raw.merge_with_dotlist(list(overrides))
         raw = apply_preset(raw)
         merged = OmegaConf.merge(OmegaConf.structured(schema), raw)
         cfg = OmegaConf.to_object(merged)

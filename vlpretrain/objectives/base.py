@@ -1,0 +1,130 @@
+"""What an objective is: a module with a name, its own small config and a weight.
+
+Given the model, a batch and the features of the forwards it shares with other objectives, an
+objective returns its loss and a dict of metrics. It declares what it needs from a shared forward
+(``needs``) and which batch entries it reads (``batch_keys``); the combiner
+(:class:`~vlpretrain.objectives.combine.ObjectiveSet`) runs the fewest forwards for all of them.
+Objectives whose loss couples the examples of a batch (contrastive) derive from
+:class:`CoupledObjective`, which splits the loss into per-example embeddings and a loss over the
+whole set, so gradient accumulation can cache embeddings (:mod:`vlpretrain.train.accumulate`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from vlpretrain.config import ConfigError
+
+# What a shared forward can provide (see vlpretrain.objectives.shared):
+#   image   (B, Ni, D) final-normed image tokens that never attended to text
+#   text    (B, T, D)  final-normed causal text states after model.config.text_embed_depth blocks (0: all)
+#   caption (B, T, D)  final text states under prefix_lm, text reading the image from block K on
+NEEDS = ("image", "text", "caption")
+
+
+@dataclass
+class ObjectiveConfig:
+    """Fields every objective has; an objective's own config dataclass derives from this."""
+
+    weight: float = 1.0
+    """Multiplier of this objective's loss in the total loss."""
+
+    def checks(self) -> list[tuple[bool, str, str]]:
+        """(ok, key, why-not) triples; subclasses extend the list with their own."""
+        return [(math.isfinite(self.weight) and self.weight >= 0, "weight",
+                 f"{self.weight} must be a finite number >= 0")]
+
+    def validate(self, where: str) -> None:
+        """Raise ConfigError naming ``where.key`` and the fix for the first failed check."""
+        for ok, key, why in self.checks():
+            if not ok:
+                raise ConfigError(f"{where}.{key}: {why}.")
+
+
+@dataclass
+class ObjectiveOutput:
+    """One objective's loss (a scalar with its graph) and metrics (detached scalars)."""
+
+    loss: torch.Tensor
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class SharedFeatures:
+    """Hidden states of the shared forward(s); an entry is None when no objective needs it."""
+
+    image: torch.Tensor | None = None  # (B, Ni, D)
+    text: torch.Tensor | None = None  # (B, T, D)
+    caption: torch.Tensor | None = None  # (B, T, D)
+    forwards: int = 0  # backbone calls made to produce them
+
+
+class Objective(nn.Module):
+    """Base class of every objective; register a subclass with ``@register_objective(name)``."""
+
+    name: ClassVar[str] = ""  # set by register_objective
+    Config: ClassVar[type[ObjectiveConfig]] = ObjectiveConfig
+    batch_keys: ClassVar[tuple[str, ...]] = ("pixel_values", "input_ids")
+    coupled: ClassVar[bool] = False
+
+    def __init__(self, cfg: ObjectiveConfig, model_config: Any):
+        """``model_config``: the model's architecture config (``VLConfig`` or ``ModelConfig``)."""
+        super().__init__()
+        if not isinstance(cfg, self.Config):
+            raise TypeError(f"objective '{self.name}' takes a {self.Config.__name__}, got {type(cfg).__name__}.")
+        cfg.validate(f"objectives.{self.name}")
+        self.cfg = cfg
+        self.needs: frozenset[str] = frozenset()  # subclasses set what they read from the shared forward
+
+    @property
+    def weight(self) -> float:
+        return self.cfg.weight
+
+    def forward(self, model: nn.Module, batch: dict, shared: SharedFeatures) -> ObjectiveOutput:
+        raise NotImplementedError(f"objective '{self.name}' does not implement forward().")
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of this objective's parameters to keep out of weight decay."""
+        return set()
+
+    def error(self, what: str, fix: str) -> ValueError:
+        """A ValueError naming this objective, what went wrong and the fix."""
+        return ValueError(f"objective '{self.name}': {what}; {fix}.")
+
+    def require_token(self, model_config: Any, attr: str, purpose: str) -> int:
+        """The model's ``attr`` token id, checked to exist and to differ from pad/bos/eos."""
+        value = getattr(model_config, attr, None)
+        vocab = getattr(model_config, "vocab_size", None)
+        others = {a: getattr(model_config, a, None) for a in ("pad_token_id", "bos_token_id", "eos_token_id")}
+        others.pop(attr, None)
+        clash = [a for a, v in others.items() if v is not None and v == value]
+        if value is None or (vocab is not None and not 0 <= value < vocab) or clash:
+            problem = (f"model.{attr}={value} is not a usable token id"
+                       + (f" (it equals model.{clash[0]})" if clash else ""))
+            raise ConfigError(f"objective '{self.name}' needs a {purpose}: {problem}. Give the tokenizer "
+                              f"that special token and set model.{attr} to its id.")
+        return int(value)
+
+
+class CoupledObjective(Objective):
+    """An objective whose loss couples the examples of a batch (e.g. contrastive).
+
+    ``forward`` is ``loss_from_embeddings(embed(...))``: ``embed`` is per example (so it can be
+    recomputed one micro-batch at a time) and ``loss_from_embeddings`` sees the whole set.
+    """
+
+    coupled = True
+
+    def embed(self, model: nn.Module, batch: dict, shared: SharedFeatures) -> dict[str, torch.Tensor]:
+        raise NotImplementedError(f"objective '{self.name}' does not implement embed().")
+
+    def loss_from_embeddings(self, embeddings: dict[str, torch.Tensor]) -> ObjectiveOutput:
+        raise NotImplementedError(f"objective '{self.name}' does not implement loss_from_embeddings().")
+
+    def forward(self, model: nn.Module, batch: dict, shared: SharedFeatures) -> ObjectiveOutput:
+        return self.loss_from_embeddings(self.embed(model, batch, shared))
