@@ -70,12 +70,12 @@ def png_bytes(img: Image.Image) -> bytes:
 
 def run_python(code: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run ``code`` in a fresh interpreter importing this tree."""
-    return subprocess.run([sys.executable, "-c", code, *args], env=tree_env(), capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-c", code, *args], check=False, env=tree_env(), capture_output=True, text=True,
                           timeout=timeout, cwd=REPO)
 
 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vlpretrain.cli", *args], env=tree_env(), capture_output=True,
+    return subprocess.run([sys.executable, "-m", "vlpretrain.cli", *args], check=False, env=tree_env(), capture_output=True,
                           text=True, timeout=timeout, cwd=REPO)
 
 

@@ -26,9 +26,13 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".ti
 
 
 class ShardWriter:
-    """Samples -> ``OUT/{prefix}-NNNNNN.tar`` with ``samples_per_shard`` each, then ``sizes.json``."""
+    """Samples -> ``OUT/{prefix}-NNNNNN.tar`` with ``samples_per_shard`` each, then ``sizes.json``.
 
-    def __init__(self, out_dir: str | Path, samples_per_shard: int = 1000, prefix: str = "shard"):
+    ``mtime`` fixes the members' timestamps (reproducible bytes); None stamps the current time.
+    """
+
+    def __init__(self, out_dir: str | Path, samples_per_shard: int = 1000, prefix: str = "shard",
+                 mtime: float | None = None):
         import webdataset as wds
 
         self._wds = wds
@@ -40,7 +44,7 @@ class ShardWriter:
         if existing:
             raise FileExistsError(f"'{self.out_dir}' already holds {len(existing)} shard(s) "
                                   f"(e.g. {existing[0].name}); write to an empty folder or delete them first.")
-        self.samples_per_shard, self.prefix = samples_per_shard, prefix
+        self.samples_per_shard, self.prefix, self.mtime = samples_per_shard, prefix, mtime
         self.sizes: dict[str, int] = {}
         self._tar = self._tmp = self._name = None
         self._count = 0
@@ -48,7 +52,7 @@ class ShardWriter:
     def _open_next(self) -> None:
         self._name = f"{self.prefix}-{len(self.sizes):06d}.tar"
         self._tmp = self.out_dir / f".{self._name}.tmp"
-        self._tar = self._wds.TarWriter(str(self._tmp))
+        self._tar = self._wds.TarWriter(str(self._tmp), mtime=self.mtime)  # fixed mtime: byte-identical
         self._count = 0
 
     def _finish(self) -> None:
