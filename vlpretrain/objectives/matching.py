@@ -1,7 +1,7 @@
 """``matching``: image-text matching (ITM) with hard negatives, written as a third-party plug-in.
 
 It uses only the public objective API (``register_objective``, ``Objective``, ``ObjectiveConfig``,
-the shared-forward ``needs`` and the embedding helpers) and touches no other objective's code.
+the shared-forward ``needs``, the embedding helpers and ``functional``) and touches no other objective's code.
 
 For every pair of the batch, one negative image and one negative caption are drawn with
 probability ``softmax(similarity / temperature)`` over the other examples (ALBEF, Li et al. 2021),
@@ -28,8 +28,7 @@ from vlpretrain.objectives import (
     register_objective,
 )
 from vlpretrain.objectives.embeddings import image_embedding, text_embedding
-
-IGNORE_INDEX = -100
+from vlpretrain.objectives.functional import IGNORE_INDEX
 
 
 @dataclass
