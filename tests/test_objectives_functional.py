@@ -211,5 +211,5 @@ def test_masked_text_rows_with_nothing_masked_are_finite():
     batch["input_ids"][:, 2:], batch["input_ids"][:, 1], batch["attention_mask"][:, 2:] = 0, 2, 0  # nothing anywhere
     out = obj(model, batch, None)
     out.loss.backward()
-    assert float(out.loss) == 0.0 and float(out.metrics["masked_acc"]) == 0.0
+    assert out.loss.item() == 0.0 and float(out.metrics["masked_acc"]) == 0.0
     assert masked_token_loss(torch.zeros(0, 7, requires_grad=True), torch.zeros(0, dtype=torch.long)).item() == 0.0
