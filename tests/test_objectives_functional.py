@@ -172,7 +172,8 @@ def test_cappa_parallel_prediction_reads_only_mask_tokens():
                          text_causal=False).text
     assert torch.allclose(s1, ref, atol=1e-6)
     loss = obj(model, batch, None).loss
-    assert abs(float(loss - _hand_shifted_ce(model.lm_head(ref), batch["input_ids"], batch["attention_mask"]))) < 1e-5
+    hand = _hand_shifted_ce(model.lm_head(ref), batch["input_ids"], batch["attention_mask"])
+    assert abs((loss - hand).item()) < 1e-5
     obj.eval()  # evaluation predicts autoregressively
     causal = model.backbone(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], layout="prefix_lm").text
     assert torch.allclose(obj._parallel_states(model, batch), causal, atol=1e-6)
@@ -210,5 +211,5 @@ def test_masked_text_rows_with_nothing_masked_are_finite():
     batch["input_ids"][:, 2:], batch["input_ids"][:, 1], batch["attention_mask"][:, 2:] = 0, 2, 0  # nothing anywhere
     out = obj(model, batch, None)
     out.loss.backward()
-    assert float(out.loss) == 0.0 and float(out.metrics["masked_acc"]) == 0.0
+    assert out.loss.item() == 0.0 and float(out.metrics["masked_acc"]) == 0.0
     assert masked_token_loss(torch.zeros(0, 7, requires_grad=True), torch.zeros(0, dtype=torch.long)).item() == 0.0

@@ -5,7 +5,7 @@ image tokens and the unimodal text at ``text_embed_depth``), so they are ``encod
 ``encode_text``. Each rank computes the loss of its own rows against the columns of every rank,
 gathered so that gradients flow back to their owner (:mod:`vlpretrain.objectives.distributed`);
 DDP's gradient average then gives the gradient of the whole batch. The temperature and the bias
-are fp32 parameters of this objective, out of weight decay; the loss is computed in fp32.
+are fp32 parameters of this objective, out of weight decay; the loss is computed in fp32 (or fp64).
 """
 
 from __future__ import annotations
@@ -74,8 +74,8 @@ class Contrastive(CoupledObjective):
     def no_weight_decay(self) -> set[str]:
         return {"logit_scale", "logit_bias"} if self.logit_bias is not None else {"logit_scale"}
 
-    def scale(self) -> torch.Tensor:
-        """s = exp(t) in fp32, t clamped to ln(max_logit_scale); a non-finite t is a clear error."""
+    def scale(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """s = exp(t) in ``dtype``, t clamped to ln(max_logit_scale); a non-finite t is a clear error."""
         t = float(self.logit_scale.detach())
         if not math.isfinite(t) or (self.logit_bias is not None and not math.isfinite(float(self.logit_bias.detach()))):
             raise self.error(f"the learnable logit scale (t = {t}) or bias is not finite, so training diverged",
@@ -84,19 +84,20 @@ class Contrastive(CoupledObjective):
         if t > self.max_log_scale:  # clamp the parameter itself (as CLIP does) so t can come back down
             with torch.no_grad():
                 self.logit_scale.fill_(self.max_log_scale)
-        return self.logit_scale.float().exp()
+        return self.logit_scale.to(dtype).exp()
 
     def embed(self, model: nn.Module, batch: dict, shared: SharedFeatures) -> dict[str, torch.Tensor]:
         return {"image": image_embedding(model, shared.image),  # (b, E)
                 "text": text_embedding(model, shared.text, batch.get("attention_mask"))}  # (b, E)
 
     def loss_from_embeddings(self, embeddings: dict[str, torch.Tensor]) -> ObjectiveOutput:
-        image, text = embeddings["image"].float(), embeddings["text"].float()  # (b, E)
+        dtype = torch.promote_types(embeddings["image"].dtype, torch.float32)  # fp32 at least
+        image, text = embeddings["image"].to(dtype), embeddings["text"].to(dtype)  # (b, E)
         rank, _ = world()
         offset = rank * image.shape[0]  # this rank's first row among the gathered columns
         with torch.autocast(device_type=image.device.type, enabled=False):
-            scale = self.scale()
-            bias = self.logit_bias.float() if self.logit_bias is not None else None
+            scale = self.scale(dtype)
+            bias = self.logit_bias.to(dtype) if self.logit_bias is not None else None
             all_text = gather_with_grad(text)  # (N, E)
             if self.cfg.loss == "clip":
                 loss = clip_loss(image, text, gather_with_grad(image), all_text, scale, bias, offset)

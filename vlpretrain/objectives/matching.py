@@ -1,7 +1,7 @@
 """``matching``: image-text matching (ITM) with hard negatives, written as a third-party plug-in.
 
 It uses only the public objective API (``register_objective``, ``Objective``, ``ObjectiveConfig``,
-the shared-forward ``needs`` and the embedding helpers) and touches no other objective's code.
+the shared-forward ``needs``, the embedding helpers and ``functional``) and touches no other objective's code.
 
 For every pair of the batch, one negative image and one negative caption are drawn with
 probability ``softmax(similarity / temperature)`` over the other examples (ALBEF, Li et al. 2021),
@@ -28,8 +28,7 @@ from vlpretrain.objectives import (
     register_objective,
 )
 from vlpretrain.objectives.embeddings import image_embedding, text_embedding
-
-IGNORE_INDEX = -100
+from vlpretrain.objectives.functional import IGNORE_INDEX
 
 
 @dataclass
@@ -99,5 +98,8 @@ class Matching(Objective):
         with torch.no_grad():
             counted = labels != IGNORE_INDEX
             accuracy = ((logits.argmax(-1) == labels) & counted).float().sum() / counted.sum()
+            # pairwise: does each positive score above the negatives drawn for it? (chance 0.5)
+            score = logits[:, 1] - logits[:, 0]  # (3B,) log-odds of "match"
+            wins = torch.cat([(score[:B] > score[B:2 * B])[image_ok], (score[:B] > score[2 * B:])[text_ok]])
             found = (image_ok.float().mean() + text_ok.float().mean()) / 2
-        return ObjectiveOutput(loss, {"itm_acc": accuracy, "negatives_found": found})
+        return ObjectiveOutput(loss, {"itm_acc": accuracy, "pair_acc": wins.float().mean(), "negatives_found": found})
