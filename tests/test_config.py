@@ -13,7 +13,8 @@ from vlpretrain import VLConfig, VLModel
 from vlpretrain.config import ConfigError, ExperimentConfig, describe, load_config, to_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))  # experiments; configs/accelerate/ holds launcher configs
+ACCELERATE_CONFIGS = sorted((ROOT / "configs" / "accelerate").glob("*.yaml"))
 
 
 def write(tmp_path, text: str) -> Path:
@@ -66,17 +67,31 @@ def test_every_key_has_help_text():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_every_shipped_config_validates_and_builds(path):
-    cfg = load_config(path)
-    VLConfig.from_model_config(cfg.model)  # validates
-    if cfg.model.preset in ("debug", "tiny"):
-        assert VLModel(VLConfig.from_model_config(cfg.model)).num_parameters() > 0
+    from vlpretrain.objectives import build_objective_set
+
+    cfg = load_config(path)  # validates every section, objectives included
+    config = VLConfig.from_model_config(cfg.model)
+    if cfg.model.preset in ("debug", "tiny") or path.stem == "demo":
+        model = VLModel(config)
+        objectives = build_objective_set(model, cfg.objectives)
+        assert len(objectives.objectives) == len(cfg.objectives)
+
+
+@pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=[p.name for p in ACCELERATE_CONFIGS])
+def test_every_accelerate_config_loads_in_accelerate(path):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    cfg = ClusterConfig.from_yaml_file(path)
+    assert cfg.num_processes >= 1
 
 
 def test_every_experiment_has_a_cpu_debug_twin():
-    names = {p.stem for p in CONFIGS}
-    for name in names:
-        if not name.endswith("-debug"):
-            assert f"{name}-debug" in names, f"configs/{name}.yaml has no CPU twin {name}-debug.yaml"
+    for path in CONFIGS:
+        cfg = load_config(path)
+        if cfg.model.preset != "debug" and not path.stem.endswith("-debug"):
+            twin = path.with_name(f"{path.stem}-debug.yaml")
+            assert twin.is_file(), f"configs/{path.name} has no CPU twin {twin.name}"
+            assert load_config(twin).model.preset == "debug"
 
 
 def test_cli_prints_resolved_config_and_reports_bad_keys(tmp_path):

@@ -16,6 +16,17 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    """Re-launch under ``accelerate launch`` so any accelerate config (CPU, DDP, FSDP) applies."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    if args.accelerate_config:
+        cmd += ["--config_file", args.accelerate_config]
+    cmd += ["-m", "vlpretrain.train", *args.train_args]
+    return subprocess.call(cmd)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlpretrain", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -26,6 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     p.set_defaults(func=_cmd_config)
 
+    p = sub.add_parser("train", help="train (accelerate launch -m vlpretrain.train); no arguments: the demo",
+                       description="Arguments after the options go to vlpretrain.train: [--config FILE] "
+                                   "[--resume auto] [key.sub=value ...].")
+    p.add_argument("--accelerate-config", default=None, help="accelerate config file (configs/accelerate/*.yaml)")
+    p.add_argument("train_args", nargs=argparse.REMAINDER, help="--config FILE, --resume auto, key=value overrides")
+    p.set_defaults(func=_cmd_train)
+
     from vlpretrain.data import synthetic, tokenizer, writer
 
     synthetic.add_cli(sub)
@@ -35,7 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "train":  # everything not ours goes to vlpretrain.train
+        args.train_args = extra + args.train_args
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from vlpretrain.config import ConfigError
 
     try:

@@ -103,6 +103,113 @@ class ModelConfig:
 
 
 @dataclass
+class OptimConfig:
+    """AdamW and its schedule."""
+
+    lr: float = 5e-4
+    """Peak learning rate (after warmup)."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay for matrices (never on norms, biases, embeddings, temperatures)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    """AdamW betas (CLIP's 0.98 for beta2)."""
+    eps: float = 1e-6
+    """AdamW epsilon."""
+    warmup_steps: int = 100
+    """Linear warmup steps from 0 to lr."""
+    schedule: str = "cosine"
+    """After warmup: cosine (to min_lr_ratio * lr), linear (to 0) or constant."""
+    min_lr_ratio: float = 0.0
+    """Floor of the cosine schedule as a fraction of lr."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 disables)."""
+
+    def validate(self) -> None:
+        checks = [
+            (self.lr > 0, "optim.lr", f"{self.lr} must be > 0"),
+            (self.weight_decay >= 0, "optim.weight_decay", f"{self.weight_decay} must be >= 0"),
+            (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
+             f"{self.betas} must be two values in [0, 1)"),
+            (self.warmup_steps >= 0, "optim.warmup_steps", f"{self.warmup_steps} must be >= 0"),
+            (self.schedule in ("cosine", "linear", "constant"), "optim.schedule",
+             f"'{self.schedule}' is not one of cosine, linear, constant"),
+            (0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", f"{self.min_lr_ratio} must lie in [0, 1]"),
+            (self.grad_clip >= 0, "optim.grad_clip", f"{self.grad_clip} must be >= 0 (0 disables)"),
+        ]
+        for ok, key, why in checks:
+            if not ok:
+                raise ConfigError(f"{key}: {why}.")
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop (vlpretrain.train.loop)."""
+
+    steps: int = 1000
+    """Optimiser steps to train for."""
+    batch_size: int = 64
+    """Global batch: samples per optimiser step over all processes and micro-batches."""
+    accum_steps: int = 1
+    """Micro-batches per step (exact for contrastive losses: features are cached across them)."""
+    precision: str = "no"
+    """Mixed precision: no (fp32), bf16 or fp16 (autocast via Accelerate)."""
+    log_every: int = 10
+    """Steps between lines of metrics.jsonl (and tracker logs)."""
+    ckpt_every: int = 500
+    """Steps between checkpoints (0: only at the end); one is always written at the end."""
+    keep_last: int = 3
+    """Complete checkpoints kept; older ones are deleted after a newer one is complete."""
+    resume: Optional[str] = None
+    """auto: continue from the newest complete checkpoint of run.dir (if any); or a checkpoint folder."""
+    max_nonfinite: int = 5
+    """Non-finite losses in a row (each skips its update) before training stops with a checkpoint."""
+    grad_checkpointing: bool = False
+    """Recompute block activations in backward to save memory."""
+    compile: bool = False
+    """torch.compile the model and objectives."""
+    trackers: list[str] = field(default_factory=list)
+    """Accelerate trackers to log to: wandb (WANDB_MODE=offline works), tensorboard."""
+    init_from: Optional[str] = None
+    """Start from the weights of an exported or saved model folder (fine-tuning, continued training)."""
+    export: bool = True
+    """Save the final model and processor as a HuggingFace folder in run.dir/model at the end."""
+
+    def validate(self) -> None:
+        checks = [
+            (self.steps >= 1, "train.steps", f"{self.steps} must be >= 1"),
+            (self.batch_size >= 1, "train.batch_size", f"{self.batch_size} must be >= 1"),
+            (self.accum_steps >= 1, "train.accum_steps", f"{self.accum_steps} must be >= 1"),
+            (self.precision in ("no", "bf16", "fp16"), "train.precision", f"'{self.precision}' is not one of no, bf16, fp16"),
+            (self.log_every >= 1, "train.log_every", f"{self.log_every} must be >= 1"),
+            (self.ckpt_every >= 0, "train.ckpt_every", f"{self.ckpt_every} must be >= 0"),
+            (self.keep_last >= 1, "train.keep_last", f"{self.keep_last} must be >= 1"),
+            (self.max_nonfinite >= 1, "train.max_nonfinite", f"{self.max_nonfinite} must be >= 1"),
+            (set(self.trackers) <= {"wandb", "tensorboard"}, "train.trackers",
+             f"{self.trackers} may only name wandb and tensorboard"),
+        ]
+        for ok, key, why in checks:
+            if not ok:
+                raise ConfigError(f"{key}: {why}.")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation on data.val during and after training (vlpretrain.eval)."""
+
+    every: int = 0
+    """Steps between evaluations (0: only at the end)."""
+    max_samples: int = 1000
+    """Validation samples used (0: all)."""
+    num_captions: int = 4
+    """Generated captions written to the log at each evaluation."""
+    max_new_tokens: int = 24
+    """Longest generated caption."""
+
+    def validate(self) -> None:
+        if self.every < 0 or self.max_samples < 0 or self.num_captions < 0 or self.max_new_tokens < 1:
+            raise ConfigError("eval: every, max_samples and num_captions must be >= 0 and max_new_tokens >= 1.")
+
+
+@dataclass
 class RunConfig:
     """Where a run writes and how it is seeded."""
 
@@ -149,6 +256,9 @@ class DataConfig:
     """Images with more pixels (read from the header, before decoding) are skipped and counted."""
     timeout: float = 600.0
     """Seconds to wait for one batch from a worker before failing loudly instead of hanging."""
+    synthesize: int = 0
+    """If > 0 and data.train holds no shards yet: generate this many synthetic training samples (plus val
+    and a tokenizer) next to it first (the demo's embedded default; see vlpretrain.data.bootstrap)."""
 
     def validate(self) -> None:
         """Raise ConfigError naming the first inconsistent key and the fix."""
@@ -187,6 +297,9 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     objectives: list[dict[str, Any]] = field(default_factory=lambda: [{"name": "contrastive", "weight": 1.0}])
     """Training objectives: a list of {name, weight, keys of that objective's config}; see vlpretrain.objectives."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> None:
         from vlpretrain.objectives import validate_objective_entries
@@ -194,6 +307,9 @@ class ExperimentConfig:
         self.model.validate()
         self.data.validate()
         validate_objective_entries(self.objectives)
+        self.optim.validate()
+        self.train.validate()
+        self.eval.validate()
 
 
 # ----------------------------------------------------------------------------------------------

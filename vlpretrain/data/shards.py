@@ -234,8 +234,11 @@ class ShardStream:
     def _raw_items(self) -> Iterator[dict]:
         if self.num_workers == 0:
             return iter(self.dataset)
+        # every draw in the workers is seeded explicitly; the loader's own generator must not consume
+        # the caller's global RNG (a resumed run would otherwise draw differently from an unbroken one)
         loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
-                            timeout=self.timeout, persistent_workers=False, prefetch_factor=2)
+                            timeout=self.timeout, persistent_workers=False, prefetch_factor=2,
+                            generator=torch.Generator().manual_seed(self.dataset.epoch))
         return iter(loader)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:

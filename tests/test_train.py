@@ -1,0 +1,134 @@
+"""The trainer: outputs, bad starts that change nothing, non-finite losses, wandb, export."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.conftest import train_overrides
+from vlpretrain import VLModel
+from vlpretrain.config import ConfigError, load_config
+from vlpretrain.train.checkpoint import complete_checkpoints
+from vlpretrain.train.loop import TrainingStopped, train
+
+
+def run(root, run_dir, *extra):
+    return train(load_config(None, train_overrides(root, run_dir, *extra)))
+
+
+def test_run_writes_metrics_checkpoints_plots_summary_and_export(synth_root, tmp_path, fresh_accelerate_state):
+    run_dir = tmp_path / "run"
+    summary = run(synth_root, run_dir, "train.ckpt_every=2", "train.keep_last=2")
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
+    for key in ("samples_seen", "loss", "loss/contrastive", "loss/captioning", "lr", "samples_per_s",
+                "data_wait_frac", "mfu", "nonfinite_steps"):
+        assert key in steps[-1], key
+    assert steps[-1]["samples_seen"] == 6 * 16
+    assert 0 <= steps[-1]["data_wait_frac"] <= 1 and steps[-1]["mfu"] > 0
+    evals = [r for r in records if "eval/i2t_r@1" in r]
+    assert len(evals) == 1 and len(evals[0]["eval/captions"]) == 2
+    assert [s for s, _ in complete_checkpoints(run_dir)] == [4, 6]  # keep_last=2
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "loss.png").is_file()
+    saved = json.loads((run_dir / "summary.json").read_text())
+    assert saved["steps"] == 6 and saved["samples_seen"] == 96 and "i2t_r@1" in saved["eval"]
+    model = VLModel.from_pretrained(summary["export"])
+    from vlpretrain import VLProcessor
+
+    processor = VLProcessor.from_pretrained(summary["export"])
+    batch = processor(text=["a red circle"], return_tensors="pt")
+    assert model.encode_text(batch["input_ids"], batch["attention_mask"]).shape == (1, 64)
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["train.batch_size=15", "train.accum_steps=2"], r"train.batch_size: 15 does not split.*multiple of 2"),
+    (["data.train=/nonexistent/shards"], r"/nonexistent/shards"),
+    (["objectives=[{name: contrastiv}]"], r"unknown objective 'contrastiv'. Did you mean 'contrastive'"),
+    (["train.precision=fp8"], r"train.precision: 'fp8' is not one of"),
+])
+def test_bad_start_fails_before_any_step_and_writes_nothing(synth_root, tmp_path, extra, match,
+                                                            fresh_accelerate_state):
+    run_dir = tmp_path / "run"
+    with pytest.raises((ConfigError, FileNotFoundError, ValueError), match=match):
+        run(synth_root, run_dir, *extra)
+    assert not run_dir.exists()
+
+
+def test_failed_start_overwrites_nothing_of_an_existing_run(synth_root, tmp_path, fresh_accelerate_state):
+    run_dir = tmp_path / "run"
+    run(synth_root, run_dir, "train.steps=2", "train.export=false")
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    with pytest.raises(ConfigError, match="already holds checkpoints; continue it with train.resume=auto"):
+        run(synth_root, run_dir, "train.steps=2")  # a fresh start into a used run.dir
+    with pytest.raises(ConfigError, match=r"different model shape \(model.width: checkpoint 64 != config 96"):
+        run(synth_root, run_dir, "train.resume=auto", "model.width=96")
+    after = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_nonfinite_losses_skip_updates_then_stop_with_the_last_good_weights(synth_root, tmp_path,
+                                                                             fresh_accelerate_state):
+    # a learning rate so large the weights blow up: updates are skipped, then training stops
+    run_dir = tmp_path / "run"
+    with pytest.raises(TrainingStopped, match="non-finite in 2 steps in a row"):
+        run(synth_root, run_dir, "optim.lr=1e30", "optim.warmup_steps=0", "optim.grad_clip=0",
+            "train.max_nonfinite=2", "train.steps=20")
+    (step, ckpt), = complete_checkpoints(run_dir)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["nonfinite_steps"] >= 1
+    from safetensors.torch import load_file
+
+    weights = load_file(ckpt / "model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_wandb_offline_run_holds_the_logged_metrics(synth_root, tmp_path, monkeypatch, fresh_accelerate_state):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_dir = tmp_path / "run"
+    run(synth_root, run_dir, "train.trackers=[wandb]", "train.steps=3", "train.export=false")
+    files = list(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(files) == 1
+    logged = wandb_history(files[0])  # (wandb's service process may still be flushing: wait for it)
+    losses = [h["loss"] for h in logged if "loss" in h]
+    ours = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+            if '"loss"' in line]
+    assert losses == pytest.approx(ours)
+
+
+def wandb_history(path, wait_s: float = 30.0) -> list[dict]:
+    """History rows of a complete .wandb file (one with its exit record), waiting up to ``wait_s``."""
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        rows, complete = _read_wandb(path)
+        if complete or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.5)
+
+
+def _read_wandb(path) -> tuple[list[dict], bool]:
+    """A 7-byte W&B header, then LevelDB-log records of protobufs: (history rows, has exit record)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, pos, block, buf, rows, complete = path.read_bytes(), 7, 32768, b"", [], False
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # block trailer padding
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        buf = chunk if kind in (1, 2) else buf + chunk  # FULL/FIRST start a record, MIDDLE/LAST continue
+        if kind in (1, 4):
+            rec = wandb_internal_pb2.Record()
+            rec.ParseFromString(buf)
+            kind_name = rec.WhichOneof("record_type")
+            complete = complete or kind_name == "exit"
+            if kind_name == "history":
+                rows.append({"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in rec.history.item})
+    return rows, complete

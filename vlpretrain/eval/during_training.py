@@ -1,0 +1,54 @@
+"""The evaluation a training run does on ``data.val``: retrieval, caption token accuracy, captions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from vlpretrain.eval.retrieval import retrieval_recall
+from vlpretrain.objectives.functional import next_token_loss
+
+
+@torch.no_grad()
+def evaluate(model, batches, tokenizer, max_samples: int, num_captions: int, max_new_tokens: int,
+             device) -> dict[str, Any]:
+    """Figures of ``model`` (a VLModel) over validation ``batches`` (dicts of pixel_values/input_ids/...).
+
+    ``retrieval`` recall@1/5 both ways, teacher-forced ``caption_loss`` and ``caption_token_acc``
+    (next-token accuracy on real caption tokens), and ``captions``: a few greedy captions with
+    their reference.
+    """
+    was_training = model.training
+    model.eval()
+    images, texts, refs, first_pixels = [], [], [], None
+    loss_sum = correct = counted = 0.0
+    seen = 0
+    for batch in batches:
+        px = batch["pixel_values"].to(device)
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        images.append(model.encode_image(px).float().cpu())
+        texts.append(model.encode_text(ids, mask).float().cpu())
+        logits = model(pixel_values=px, input_ids=ids, attention_mask=mask).logits  # (B, T, V)
+        real = mask[:, 1:].bool()
+        n = real.sum().item()
+        loss_sum += next_token_loss(logits, ids, mask).item() * n
+        correct += (logits[:, :-1].argmax(-1) == ids[:, 1:])[real].sum().item()
+        counted += n
+        if first_pixels is None:
+            first_pixels, refs = px[:num_captions], ids[:num_captions]
+        seen += len(px)
+        if max_samples and seen >= max_samples:
+            break
+    if not images:
+        raise RuntimeError("the validation stream gave no batch; check data.val.")
+    img, txt = torch.cat(images)[:max_samples or None], torch.cat(texts)[:max_samples or None]
+    out: dict[str, Any] = {"samples": len(img), **retrieval_recall(img, txt),
+                           "caption_loss": loss_sum / max(counted, 1), "caption_token_acc": correct / max(counted, 1)}
+    if num_captions:
+        generated = model.generate(first_pixels, max_new_tokens=max_new_tokens)
+        out["captions"] = [{"generated": g, "reference": r} for g, r in zip(
+            tokenizer.batch_decode(generated, skip_special_tokens=True),
+            tokenizer.batch_decode(refs, skip_special_tokens=True))]
+    model.train(was_training)
+    return out

@@ -1,0 +1,88 @@
+"""Model FLOPs of a training step, counted from the shapes that actually ran, and MFU.
+
+Forward hooks on every ``nn.Linear`` / ``nn.Conv2d`` and on every attention module add the FLOPs of
+the call from its real input shape (so dynamic text padding, MAE's visible-patch subset, FLIP patch
+dropout and every objective's extra forwards are counted as they ran). Only forwards that build a
+graph count, and never the recompute inside ``backward`` (activation checkpointing): model FLOPs,
+not hardware FLOPs. A step's FLOPs are 3x its forward FLOPs (backward ~ 2x forward).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from vlpretrain.layers.attention import Attention
+
+# dense bf16/fp16 tensor-core peaks (FLOP/s) of known GPUs, by a substring of the device name
+GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12,
+                 "4090": 165e12, "V100": 125e12}
+GPU_PEAK_FP32 = {"H200": 67e12, "H100": 67e12, "A100": 19.5e12, "L40S": 91.6e12, "A10G": 31.2e12, "L4": 30.3e12,
+                 "4090": 82.6e12, "V100": 15.7e12}
+
+
+def _in_backward() -> bool:
+    return torch._C._current_graph_task_id() != -1
+
+
+class FlopCounter:
+    """Accumulates forward FLOPs of graph-building calls of the hooked module tree."""
+
+    def __init__(self, module: nn.Module):
+        self.forward_flops = 0.0
+        self._handles = []
+        for sub in module.modules():
+            if isinstance(sub, (nn.Linear, nn.Conv2d, Attention)):
+                self._handles.append(sub.register_forward_hook(self._hook))
+
+    def _hook(self, module, args, output) -> None:
+        if not torch.is_grad_enabled() or _in_backward():
+            return
+        if isinstance(module, nn.Linear):
+            self.forward_flops += 2.0 * args[0].numel() * module.out_features
+        elif isinstance(module, nn.Conv2d):
+            k = module.in_channels * module.kernel_size[0] * module.kernel_size[1] // module.groups
+            self.forward_flops += 2.0 * output.numel() * k
+        else:  # attention scores and weighted sum: 2 matmuls of (Lq x Dh) @ (Dh x Lkv) per head
+            B, L, D = args[0].shape
+            self.forward_flops += 4.0 * B * L * L * D
+
+    def take_step_flops(self) -> float:
+        """FLOPs of the step since the last call (forward x 3), and reset."""
+        flops, self.forward_flops = 3.0 * self.forward_flops, 0.0
+        return flops
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+_cpu_peak: dict[torch.dtype, float] = {}
+
+
+def measured_cpu_peak(dtype: torch.dtype = torch.float32, seconds: float = 0.3) -> float:
+    """Matmul FLOP/s this CPU reaches (measured once per dtype): the CPU's MFU denominator."""
+    if dtype not in _cpu_peak:
+        gen = torch.Generator().manual_seed(0)  # never the global RNG: a resumed run must draw as an unbroken one
+        a = torch.randn(1024, 1024, generator=gen).to(dtype)
+        b = torch.randn(1024, 1024, generator=gen).to(dtype)
+        a @ b  # warm-up
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            a @ b
+            n += 1
+        _cpu_peak[dtype] = 2.0 * 1024**3 * n / (time.perf_counter() - start)
+    return _cpu_peak[dtype]
+
+
+def device_peak_flops(device: torch.device, low_precision: bool) -> float | None:
+    """Peak FLOP/s of ``device`` per process: the table for known GPUs, measured on a CPU, else None."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        table = GPU_PEAK_BF16 if low_precision else GPU_PEAK_FP32
+        return next((v for k, v in table.items() if k in name), None)
+    if device.type == "cpu":
+        return measured_cpu_peak(torch.bfloat16 if low_precision else torch.float32)
+    return None

@@ -1,0 +1,335 @@
+"""The training loop under HuggingFace Accelerate: one CPU to many GPUs, DDP or FSDP from its config.
+
+``train(cfg)`` checks everything it can before the first step (config, shards, batch split,
+resume compatibility) and writes nothing into ``run.dir`` until those checks pass. Then it runs
+``train.steps`` optimiser steps, each over ``train.batch_size`` samples split across processes and
+``train.accum_steps`` micro-batches (exact for contrastive losses), logging, evaluating and
+checkpointing as configured; SIGTERM/SIGINT finish the step, save and exit cleanly.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.utils import set_seed
+
+from vlpretrain.config import ConfigError, ExperimentConfig, to_yaml
+from vlpretrain.data.processor import VLProcessor
+from vlpretrain.data.shards import ShardStream
+from vlpretrain.data.bootstrap import ensure_synthetic
+from vlpretrain.data.tokenizer import load_tokenizer
+from vlpretrain.eval.during_training import evaluate
+from vlpretrain.models.modeling import VLConfig, VLModel
+from vlpretrain.objectives import build_objective_set
+from vlpretrain.train.accumulate import accumulate_backward
+from vlpretrain.train.checkpoint import (
+    check_compatible, complete_checkpoints, load_checkpoint, resolve_resume, save_checkpoint)
+from vlpretrain.train.flops import FlopCounter, device_peak_flops
+from vlpretrain.train.metrics import MetricsLog, plot_curves
+from vlpretrain.train.optim import build_optimizer, build_scheduler
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped itself (e.g. too many non-finite losses in a row); a checkpoint was saved."""
+
+
+@dataclass
+class _State:
+    """What the loop carries between steps; saved as trainer_state.json."""
+
+    step: int = 0
+    samples_seen: int = 0
+    nonfinite_total: int = 0
+    nonfinite_run: int = 0
+    epoch: int = 0
+    eval: dict[str, Any] = field(default_factory=dict)
+
+
+def _tokenizer_into_model_config(cfg: ExperimentConfig, tokenizer) -> None:
+    """The model's vocabulary and special ids come from the tokenizer (one source of truth)."""
+    m = cfg.model
+    m.vocab_size = len(tokenizer)
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id", "mask_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            setattr(m, name, int(value))
+    m.validate()
+
+
+def _micro_batch_size(cfg: ExperimentConfig, world: int) -> int:
+    t = cfg.train
+    if t.batch_size % (world * t.accum_steps):
+        raise ConfigError(f"train.batch_size: {t.batch_size} does not split across {world} process(es) x "
+                          f"train.accum_steps={t.accum_steps} micro-batches; use a multiple of {world * t.accum_steps}.")
+    return t.batch_size // (world * t.accum_steps)
+
+
+def _check_fresh_run_dir(run_dir: Path, resume: Path | None) -> None:
+    if resume is None and complete_checkpoints(run_dir):
+        raise ConfigError(f"run.dir '{run_dir}' already holds checkpoints; continue it with train.resume=auto "
+                          f"(or --resume auto), or choose a new run.dir. Nothing was overwritten.")
+
+
+class _StopSignal:
+    """SIGTERM/SIGINT set a flag; the loop finishes its step, saves and exits 0."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _next_batch(stream: ShardStream, it, state: _State):
+    """The next batch, starting the next epoch when this one is done (epoch mode)."""
+    try:
+        return next(it), it
+    except StopIteration:
+        state.epoch = stream.epoch
+        it = iter(stream)
+        return next(it), it
+
+
+def _to_device(batch: dict, device) -> dict:
+    keys = ("pixel_values", "input_ids", "attention_mask")
+    return {k: batch[k].to(device, non_blocking=True) for k in keys if batch.get(k) is not None}
+
+
+def train(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Run the experiment ``cfg``; returns the summary also written to ``run.dir/summary.json``."""
+    t = cfg.train
+    run_dir = Path(cfg.run.dir)
+    accelerator = Accelerator(
+        mixed_precision=t.precision, log_with=t.trackers or None, project_dir=str(run_dir),
+        step_scheduler_with_optimizer=False,
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    world, rank = accelerator.num_processes, accelerator.process_index
+    micro = _micro_batch_size(cfg, world)
+    resume = resolve_resume(t.resume, run_dir)
+    _check_fresh_run_dir(run_dir, resume)
+    if accelerator.is_main_process:
+        ensure_synthetic(cfg.data, cfg.model.image_size, cfg.run.seed)
+    accelerator.wait_for_everyone()
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    if t.init_from:  # the pretrained model's shape rules; its vocabulary must cover the tokenizer
+        cfg.model = VLConfig.from_pretrained(t.init_from).to_model_config()
+        if len(tokenizer) > cfg.model.vocab_size:
+            raise ConfigError(f"data.tokenizer has {len(tokenizer)} tokens but train.init_from's model only "
+                              f"{cfg.model.vocab_size}; use the tokenizer saved with that model.")
+    else:
+        _tokenizer_into_model_config(cfg, tokenizer)
+    if resume is not None:
+        check_compatible(resume, cfg.model)
+    stream = ShardStream(cfg.data, "train", batch_size=micro, image_size=cfg.model.image_size,
+                         context_length=cfg.model.max_text_len, tokenizer=tokenizer, rank=rank,
+                         world_size=world, seed=cfg.run.seed)
+
+    set_seed(cfg.run.seed)
+    model = VLModel.from_pretrained(t.init_from) if t.init_from else VLModel(VLConfig.from_model_config(cfg.model))
+    model.set_grad_checkpointing(t.grad_checkpointing)
+    objectives = build_objective_set(model, cfg.objectives)
+    optimizer = build_optimizer(objectives, cfg.optim, accelerator.device)
+    scheduler = build_scheduler(optimizer, cfg.optim, t.steps)
+    module, optimizer, scheduler = accelerator.prepare(objectives, optimizer, scheduler)
+    if t.compile:
+        module = torch.compile(module)
+    set_seed(cfg.run.seed + rank)  # per-rank randomness (patch dropout, masking) from here on
+
+    counter = FlopCounter(objectives)
+    peak = device_peak_flops(accelerator.device, t.precision in ("bf16", "fp16"))
+    processor = VLProcessor.from_data_config(cfg.data, cfg.model.image_size, cfg.model.max_text_len, tokenizer)
+    config_yaml = to_yaml(cfg)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(config_yaml)
+    accelerator.init_trackers(run_dir.name, config=_flat(cfg), init_kwargs=_tracker_kwargs(t.trackers, run_dir))
+    state = _State()
+    if resume is not None:  # last before the loop: it restores the RNG states the next step draws from
+        saved, data_state = load_checkpoint(accelerator, resume)
+        state = _State(**saved)
+        if data_state is not None:
+            stream.load_state_dict(data_state)
+    log = MetricsLog(run_dir, accelerator, resume_step=state.step if resume is not None else None)
+
+    def checkpoint() -> Path:
+        return save_checkpoint(accelerator, run_dir, state.step, vars(state), stream.state_dict(), config_yaml,
+                               t.keep_last)
+
+    start, samples_at_start = time.perf_counter(), state.samples_seen
+    progress = _progress(accelerator, state.step, t.steps)
+    it = iter(stream)
+    window = {"time": 0.0, "wait": 0.0, "samples": 0, "flops": 0.0}
+    stopped_by = None
+    with _StopSignal() as stop:
+        while state.step < t.steps:
+            step_start = time.perf_counter()
+            batches = []
+            for _ in range(t.accum_steps):
+                raw, it = _next_batch(stream, it, state)
+                batches.append(_to_device(raw, accelerator.device))
+                for reason, n in raw.get("skipped", {}).items():
+                    window[f"skipped/{reason}"] = window.get(f"skipped/{reason}", 0) + n
+            wait = time.perf_counter() - step_start
+            module.train()
+            with accelerator.autocast():
+                if t.accum_steps == 1:
+                    out = module(batches[0])
+                    accelerator.backward(out.loss)
+                else:
+                    out = accumulate_backward(module, batches, accelerator)
+            loss = accelerator.reduce(out.loss.detach().float().reshape(1), "mean")
+            grad_norm = (accelerator.clip_grad_norm_(module.parameters(), cfg.optim.grad_clip)
+                         if cfg.optim.grad_clip > 0 else torch.tensor(0.0))
+            if math.isfinite(loss.item()) and math.isfinite(float(grad_norm)):
+                optimizer.step()
+                state.nonfinite_run = 0
+            else:
+                state.nonfinite_total += 1
+                state.nonfinite_run += 1
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            n_samples = int(accelerator.reduce(torch.tensor(sum(len(b["pixel_values"]) for b in batches),
+                                                            device=accelerator.device), "sum"))
+            state.samples_seen += n_samples
+            step_time = time.perf_counter() - step_start
+            window["time"] += step_time
+            window["wait"] += wait
+            window["samples"] += n_samples
+            window["flops"] += counter.take_step_flops()
+            if state.nonfinite_run >= t.max_nonfinite:
+                path = checkpoint()
+                raise TrainingStopped(f"the loss or gradient was non-finite in {state.nonfinite_run} steps in a row "
+                                      f"(train.max_nonfinite={t.max_nonfinite}); the last good weights are saved in "
+                                      f"{path}. Lower optim.lr, raise optim.warmup_steps or check the data.")
+            if state.step % t.log_every == 0 or state.step == t.steps:
+                record = {"samples_seen": state.samples_seen, "epoch": state.epoch, "loss": loss.item(),
+                          "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                          "samples_per_s": window["samples"] / window["time"],
+                          "data_wait_frac": window["wait"] / window["time"], "nonfinite_steps": state.nonfinite_total,
+                          **{f"loss/{k}": float(accelerator.reduce(v.float().reshape(1), "mean"))
+                             for k, v in out.losses.items()},
+                          **{k: float(accelerator.reduce(torch.as_tensor(v, device=accelerator.device).float()
+                                                         .reshape(1), "mean")) for k, v in out.metrics.items()},
+                          **{k: v for k, v in window.items() if k.startswith("skipped/")}}
+                if peak:
+                    record["mfu"] = window["flops"] / window["time"] / peak
+                    record["tflops_per_s"] = window["flops"] / window["time"] / 1e12
+                log.log(state.step, record)
+                progress.set_postfix(loss=f"{loss.item():.3f}", samples_s=f"{record['samples_per_s']:.1f}")
+                window = {"time": 0.0, "wait": 0.0, "samples": 0, "flops": 0.0}
+            progress.update(1)
+            if cfg.eval.every and state.step % cfg.eval.every == 0 and state.step < t.steps:
+                state.eval = _evaluate(cfg, accelerator, module, processor, log, state.step)
+            if stop.received is not None:
+                stopped_by = signal.Signals(stop.received).name
+                break
+            if t.ckpt_every and state.step % t.ckpt_every == 0:
+                checkpoint()
+    progress.close()
+    counter.remove()
+    final = checkpoint()
+    wall = time.perf_counter() - start
+    if stopped_by is None:
+        state.eval = _evaluate(cfg, accelerator, module, processor, log, state.step)
+    summary = {"run_dir": str(run_dir), "world_size": world, "steps": state.step, "samples_seen": state.samples_seen,
+               "stopped_by": stopped_by, "wall_time_s": wall,
+               "samples_per_s": (state.samples_seen - samples_at_start) / max(wall, 1e-9),
+               "nonfinite_steps": state.nonfinite_total, "skipped_samples": stream.skipped_by_reason(),
+               "final_metrics": {k: v for k, v in (log.last or {}).items()}, "eval": state.eval,
+               "checkpoint": str(final)}
+    if accelerator.is_main_process and t.export and stopped_by is None:
+        summary["export"] = str(_export(accelerator.unwrap_model(module).model, processor, run_dir))
+    if accelerator.is_main_process:
+        summary["plots"] = [str(p) for p in plot_curves(run_dir)]
+        _write_json(run_dir / "summary.json", summary)
+    accelerator.end_training()
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+
+
+def _flat(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The config as flat ``section.key`` -> scalar (for tracker hyper-parameters)."""
+    from omegaconf import OmegaConf
+
+    out = {}
+
+    def walk(node, prefix):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        else:
+            out[prefix[:-1]] = node if isinstance(node, (int, float, str, bool)) or node is None else str(node)
+
+    walk(OmegaConf.to_container(OmegaConf.structured(cfg)), "")
+    return out
+
+
+def _tracker_kwargs(trackers: list[str], run_dir: Path) -> dict:
+    return {"wandb": {"dir": str(run_dir)}} if "wandb" in trackers else {}
+
+
+def _progress(accelerator, step: int, total: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=step, disable=not accelerator.is_main_process, unit="step",
+                dynamic_ncols=True, desc="train")
+
+
+def _evaluate(cfg: ExperimentConfig, accelerator, module, processor, log: MetricsLog, step: int) -> dict:
+    """Evaluation on data.val by the main process (the others wait); logged as eval/* figures."""
+    results: dict[str, Any] = {}
+    if cfg.data.val and accelerator.is_main_process:
+        model = accelerator.unwrap_model(module).model
+        stream = ShardStream(cfg.data, "val", batch_size=64, image_size=cfg.model.image_size,
+                             context_length=cfg.model.max_text_len, tokenizer=processor.tokenizer, seed=cfg.run.seed)
+        with accelerator.autocast():
+            results = evaluate(model, iter(stream), processor.tokenizer, cfg.eval.max_samples, cfg.eval.num_captions,
+                               cfg.eval.max_new_tokens, accelerator.device)
+        figures = {f"eval/{k}": v for k, v in results.items() if isinstance(v, (int, float))}
+        log.log(step, {**figures, "eval/captions": results.get("captions", [])})
+        for cap in results.get("captions", []):
+            accelerator.print(f"  [step {step}] {cap['generated']!r}  (reference: {cap['reference']!r})")
+    accelerator.wait_for_everyone()
+    return results
+
+
+def _export(model: VLModel, processor: VLProcessor, run_dir: Path) -> Path:
+    """The final model and its processor as one HuggingFace folder, written then renamed."""
+    import shutil
+
+    out, tmp = run_dir / "model", run_dir / ".model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    import json
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    tmp.replace(path)
