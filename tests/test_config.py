@@ -102,3 +102,18 @@ def test_cli_prints_resolved_config_and_reports_bad_keys(tmp_path):
     assert "depth: 3" in ok.stdout
     bad = subprocess.run(cmd[:-1] + ["model.deph=3"], capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "Did you mean 'model.depth'" in bad.stderr
+
+
+def test_imports_register_third_party_objectives_before_validation(tmp_path, monkeypatch):
+    (tmp_path / "my_plugin.py").write_text(
+        "from dataclasses import dataclass\n"
+        "from vlpretrain.objectives import Objective, ObjectiveConfig, register_objective\n"
+        "@dataclass\nclass C(ObjectiveConfig):\n    margin: float = 0.2\n    \"\"\"A margin.\"\"\"\n"
+        "@register_objective('plugin_loss')\nclass P(Objective):\n    Config = C\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError, match="unknown objective 'plugin_loss'"):
+        load_config(None, ["objectives=[{name: plugin_loss, margin: 0.5}]"])
+    cfg = load_config(None, ["imports=[my_plugin]", "objectives=[{name: plugin_loss, margin: 0.5}]"])
+    assert cfg.objectives[0]["margin"] == 0.5
+    with pytest.raises(ConfigError, match="imports: cannot import 'not_a_module'"):
+        load_config(None, ["imports=[not_a_module]"])

@@ -292,6 +292,8 @@ class DataConfig:
 class ExperimentConfig:
     """A whole experiment; each section is handed only to the component it configures."""
 
+    imports: list[str] = field(default_factory=list)
+    """Python modules imported before anything is built, e.g. ones registering third-party objectives."""
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -302,8 +304,15 @@ class ExperimentConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> None:
+        import importlib
+
         from vlpretrain.objectives import validate_objective_entries
 
+        for module in self.imports:
+            try:
+                importlib.import_module(module)
+            except ImportError as exc:
+                raise ConfigError(f"imports: cannot import '{module}' ({exc}); is it installed or on PYTHONPATH?") from None
         self.model.validate()
         self.data.validate()
         validate_objective_entries(self.objectives)

@@ -49,6 +49,7 @@ class _State:
     nonfinite_total: int = 0
     nonfinite_run: int = 0
     epoch: int = 0
+    dropped_tail: int = 0
     eval: dict[str, Any] = field(default_factory=dict)
 
 
@@ -97,14 +98,22 @@ class _StopSignal:
             signal.signal(sig, old)
 
 
-def _next_batch(stream: ShardStream, it, state: _State):
-    """The next batch, starting the next epoch when this one is done (epoch mode)."""
-    try:
-        return next(it), it
-    except StopIteration:
-        state.epoch = stream.epoch
-        it = iter(stream)
-        return next(it), it
+def _next_batch(stream: ShardStream, it, state: _State, size: int):
+    """The next full batch of ``size``, starting the next epoch when this one is done (epoch mode).
+
+    An epoch's ragged last batch is dropped (and counted): every rank must hold the same number of
+    examples for the contrastive all-gather, and each step the same number of samples.
+    """
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            state.epoch = stream.epoch
+            it = iter(stream)
+            batch = next(it)
+        if len(batch["pixel_values"]) == size:
+            return batch, it
+        state.dropped_tail += len(batch["pixel_values"])
 
 
 def _to_device(batch: dict, device) -> dict:
@@ -182,7 +191,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
             step_start = time.perf_counter()
             batches = []
             for _ in range(t.accum_steps):
-                raw, it = _next_batch(stream, it, state)
+                raw, it = _next_batch(stream, it, state, micro)
                 batches.append(_to_device(raw, accelerator.device))
                 for reason, n in raw.get("skipped", {}).items():
                     window[f"skipped/{reason}"] = window.get(f"skipped/{reason}", 0) + n
@@ -252,7 +261,8 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
     summary = {"run_dir": str(run_dir), "world_size": world, "steps": state.step, "samples_seen": state.samples_seen,
                "stopped_by": stopped_by, "wall_time_s": wall,
                "samples_per_s": (state.samples_seen - samples_at_start) / max(wall, 1e-9),
-               "nonfinite_steps": state.nonfinite_total, "skipped_samples": stream.skipped_by_reason(),
+               "nonfinite_steps": state.nonfinite_total, "dropped_epoch_tails": state.dropped_tail,
+               "skipped_samples": stream.skipped_by_reason(),
                "final_metrics": {k: v for k, v in (log.last or {}).items()}, "eval": state.eval,
                "checkpoint": str(final)}
     if accelerator.is_main_process and t.export and stopped_by is None:
