@@ -1,0 +1,156 @@
+"""Every GPU check in one go (run by tools/gpu_check.sh on a borrowed GPU; never from tests or CI).
+
+1. Every attention backend vs ``eager`` on every layout, fp32 and bf16, outputs and gradients.
+2. ``flex`` / ``flash_attn`` vs dense-mask ``sdpa`` on ``prefix_lm`` at realistic lengths (forward +
+   backward time, interleaved A B A B).
+3. A short bf16 training run of the ``base`` preset (contrastive + captioning in one pass) on
+   synthetic tensors: samples/s, TFLOP/s and MFU.
+
+Writes one JSON object of figures to the path given (and prints it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vlpretrain import VLConfig, VLModel  # noqa: E402
+from vlpretrain.layers.attention import flash_attn_available  # noqa: E402
+from vlpretrain.models.presets import preset_values  # noqa: E402
+from vlpretrain.objectives import build_objective_set  # noqa: E402
+from vlpretrain.train.flops import FlopCounter, device_peak_flops  # noqa: E402
+
+CASES = [("image", True), ("text", True), ("text", False), ("prefix_lm", True), ("fused", True),
+         ("separate", True), ("separate", False)]
+
+
+def text(batch, length, vocab, device):
+    ids = torch.randint(5, vocab, (batch, length), device=device)
+    lengths = torch.randint(length // 2, length + 1, (batch,), device=device)
+    pos = torch.arange(length, device=device)[None]
+    mask = (pos < lengths[:, None]).long()
+    ids = torch.where(mask.bool(), ids, torch.zeros_like(ids))
+    return ids, mask
+
+
+def backend_equivalence(device) -> dict:
+    torch.manual_seed(0)
+    model = VLModel(VLConfig(**{**preset_values("tiny"), "depth": 2})).to(device)
+    px = torch.randn(4, 3, 224, 224, device=device)
+    ids, mask = text(4, 40, model.config.vocab_size, device)
+    out = {}
+    backends = ["sdpa", "flex"] + (["flash_attn"] if flash_attn_available() else [])
+    for dtype in (torch.float32, torch.bfloat16):
+        for layout, causal in CASES:
+            def run(backend, layout=layout, causal=causal, dtype=dtype):
+                model.zero_grad(set_to_none=True)
+                model.set_attn_backend(backend)
+                kw = dict(layout=layout, text_causal=causal)
+                with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+                    res = model.backbone(pixel_values=None if layout == "text" else px,
+                                         input_ids=None if layout == "image" else ids,
+                                         attention_mask=None if layout == "image" else mask, **kw)
+                parts = [t.float() for t in (res.image, res.text) if t is not None]
+                valid = [torch.ones_like(parts[0][..., 0]).bool()] if res.image is not None else []
+                valid += [mask.bool()] if res.text is not None else []
+                sum(p[v].sum() for p, v in zip(parts, valid)).backward()
+                grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+                return [p[v] for p, v in zip(parts, valid)], grads
+
+            ref_out, ref_grads = run("eager")
+            for backend in backends:
+                got, grads = run(backend)
+                err_out = max((a - b).abs().max().item() for a, b in zip(got, ref_out))
+                err_grad = max(((grads[n] - g).abs().max() / g.abs().max().clamp(min=1)).item()
+                               for n, g in ref_grads.items())
+                out[f"{backend}/{layout}{'' if causal else '-bidir'}/{str(dtype)[6:]}"] = {
+                    "max_abs_out": err_out, "max_rel_grad": err_grad}
+    return out
+
+
+def time_prefix_lm(device, steps=10) -> dict:
+    torch.manual_seed(0)
+    model = VLModel(VLConfig(**preset_values("base"))).to(device)
+    px = torch.randn(32, 3, 224, 224, device=device)
+    ids, mask = text(32, 64, model.config.vocab_size, device)
+    backends = ["sdpa", "flex"] + (["flash_attn"] if flash_attn_available() else [])
+    times = {b: [] for b in backends}
+
+    def once(backend):
+        model.set_attn_backend(backend)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(pixel_values=px, input_ids=ids, attention_mask=mask, labels=ids)
+        out.loss.backward()
+        torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    for b in backends:  # warm-up (compiles flex)
+        once(b)
+    for _ in range(steps):
+        for b in backends:  # interleaved
+            times[b].append(once(b))
+    med = {b: sorted(t)[len(t) // 2] for b, t in times.items()}
+    return {"step_s": med, **{f"{b}_speedup_vs_sdpa": med["sdpa"] / med[b] for b in backends if b != "sdpa"}}
+
+
+def train_base(device, steps=30, batch=128) -> dict:
+    torch.manual_seed(0)
+    model = VLModel(VLConfig(**{**preset_values("base"), "text_embed_depth": 6})).to(device)
+    objset = build_objective_set(model, [{"name": "contrastive"}, {"name": "captioning"}]).to(device)
+    opt = torch.optim.AdamW(objset.parameters(), lr=1e-4, fused=True)
+    counter = FlopCounter(objset)
+    px = torch.randn(batch, 3, 224, 224, device=device)
+    ids, mask = text(batch, 64, model.config.vocab_size, device)
+    batch_dict = {"pixel_values": px, "input_ids": ids, "attention_mask": mask}
+    times, flops = [], []
+    for i in range(steps):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = objset(batch_dict).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        if i >= 5:
+            times.append(time.perf_counter() - start)
+            flops.append(counter.take_step_flops())
+        else:
+            counter.take_step_flops()
+    step = sum(times) / len(times)
+    peak = device_peak_flops(device, True)
+    achieved = sum(flops) / sum(times)
+    return {"samples_per_s": batch / step, "step_s": step, "tflops_per_s": achieved / 1e12,
+            "mfu": achieved / peak if peak else None, "peak_tflops": peak / 1e12 if peak else None,
+            "max_mem_gb": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out", type=Path)
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    figures = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+               "flash_attn": flash_attn_available()}
+    for name, fn in (("equivalence", backend_equivalence), ("prefix_lm_timing", time_prefix_lm),
+                     ("train_base_bf16", train_base)):
+        try:
+            figures[name] = fn(device)
+        except Exception as exc:  # keep the other figures
+            figures[name] = {"error": f"{type(exc).__name__}: {exc}"}
+        args.out.write_text(json.dumps(figures, indent=1))
+    print(json.dumps(figures))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
