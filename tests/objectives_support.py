@@ -12,31 +12,12 @@ import itertools
 
 import torch
 
-from vlpretrain import VLConfig, VLModel
-from vlpretrain.models.presets import preset_values
+from tests.helpers import make_model, make_text  # noqa: F401  (re-exported to the objective tests)
 
 COLOURS = torch.tensor([[1.0, 0.1, 0.1], [0.1, 0.9, 0.1], [0.1, 0.2, 1.0], [1.0, 0.9, 0.1]])
 COLOUR_TOKENS, SHAPE_TOKENS, BIG_TOKEN = [10, 11, 12, 13], [20, 21, 22], 30
 COMBOS = list(itertools.product(range(4), range(3), (False, True)))  # 24 captions
 TEXT_LEN = 6
-
-
-def make_model(**overrides) -> VLModel:
-    torch.manual_seed(0)
-    return VLModel(VLConfig(**{**preset_values("debug"), **overrides}))
-
-
-def make_text(batch: int, length: int, vocab: int = 1024, lengths: list[int] | None = None, seed: int = 0):
-    """Random ``BOS tokens EOS`` captions right-padded with 0: (input_ids (B, T), attention_mask (B, T))."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(5, vocab, (batch, length), generator=g)
-    lengths = lengths or [length] * batch
-    mask = torch.zeros(batch, length, dtype=torch.long)
-    for b, n in enumerate(lengths):
-        ids[b, 0], ids[b, n - 1] = 1, 2
-        ids[b, n:] = 0
-        mask[b, :n] = 1
-    return ids, mask
 
 
 def random_batch(batch: int = 6, length: int = 10, seed: int = 0, image_size: int = 32) -> dict:

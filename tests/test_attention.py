@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from tests.conftest import make_model, make_text
+from tests.helpers import make_model, make_text
 from vlpretrain.layers.attention import AttentionLayout, attend, flash_attn_available, resolve_backend
 
 LAYOUTS_WITH_TEXT = ["text", "prefix_lm", "fused", "separate"]

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel
 
-from tests.conftest import make_model, make_text
+from tests.helpers import make_model, make_text
 from vlpretrain import VLConfig, VLModel
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import make_model, make_text
+from tests.helpers import make_model, make_text
 from vlpretrain.models.presets import PRESETS
 
 

@@ -6,7 +6,7 @@ import pytest
 import timm
 import torch
 
-from tests.conftest import make_model
+from tests.helpers import make_model
 
 
 @pytest.mark.parametrize("preset", ["debug", "tiny"])

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from tests.conftest import train_overrides
+from tests.helpers import train_overrides
 from vlpretrain import VLModel
 from vlpretrain.config import ConfigError, load_config
 from vlpretrain.train.checkpoint import complete_checkpoints

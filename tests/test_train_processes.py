@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import train_overrides
+from tests.helpers import train_overrides
 from vlpretrain.config import load_config, to_yaml
 from vlpretrain.train.checkpoint import complete_checkpoints
 

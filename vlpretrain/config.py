@@ -27,6 +27,13 @@ class ConfigError(ValueError):
     """A config that does not validate; the message names the key and the fix."""
 
 
+def raise_first_failure(checks: list[tuple[bool, str, str]]) -> None:
+    """``checks`` are (ok, key, why); raise ConfigError("key: why.") for the first that is not ok."""
+    for ok, key, why in checks:
+        if not ok:
+            raise ConfigError(f"{key}: {why}.")
+
+
 @dataclass
 class ModelConfig:
     """Architecture of the shared image/text transformer (see ``vlpretrain.models.presets``)."""
@@ -97,9 +104,7 @@ class ModelConfig:
             value = getattr(self, name)
             checks.append((0 <= value < self.vocab_size, f"model.{name}",
                            f"{value} is outside the vocabulary [0, model.vocab_size={self.vocab_size})"))
-        for ok, key, why in checks:
-            if not ok:
-                raise ConfigError(f"{key}: {why}.")
+        raise_first_failure(checks)
 
 
 @dataclass
@@ -135,9 +140,7 @@ class OptimConfig:
             (0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", f"{self.min_lr_ratio} must lie in [0, 1]"),
             (self.grad_clip >= 0, "optim.grad_clip", f"{self.grad_clip} must be >= 0 (0 disables)"),
         ]
-        for ok, key, why in checks:
-            if not ok:
-                raise ConfigError(f"{key}: {why}.")
+        raise_first_failure(checks)
 
 
 @dataclass
@@ -186,9 +189,7 @@ class TrainConfig:
             (set(self.trackers) <= {"wandb", "tensorboard"}, "train.trackers",
              f"{self.trackers} may only name wandb and tensorboard"),
         ]
-        for ok, key, why in checks:
-            if not ok:
-                raise ConfigError(f"{key}: {why}.")
+        raise_first_failure(checks)
 
 
 @dataclass
@@ -283,9 +284,7 @@ class DataConfig:
             (self.train_weights is None or self.mode == "resampled", "data.train_weights",
              "source weights only apply when shards are drawn; set data.mode=resampled or drop the weights"),
         ]
-        for ok, key, why in checks:
-            if not ok:
-                raise ConfigError(f"{key}: {why}.")
+        raise_first_failure(checks)
 
 
 @dataclass

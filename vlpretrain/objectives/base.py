@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from vlpretrain.config import ConfigError
+from vlpretrain.config import ConfigError, raise_first_failure
 
 # What a shared forward can provide (see vlpretrain.objectives.shared):
 #   image   (B, Ni, D) final-normed image tokens that never attended to text
@@ -41,9 +41,7 @@ class ObjectiveConfig:
 
     def validate(self, where: str) -> None:
         """Raise ConfigError naming ``where.key`` and the fix for the first failed check."""
-        for ok, key, why in self.checks():
-            if not ok:
-                raise ConfigError(f"{where}.{key}: {why}.")
+        raise_first_failure([(ok, f"{where}.{key}", why) for ok, key, why in self.checks()])
 
 
 @dataclass
