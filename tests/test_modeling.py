@@ -103,11 +103,25 @@ def test_bad_input_is_a_clear_error(call, match):
         call(make_model("debug"))
 
 
+def test_kv_cache_refuses_padded_prompts_and_ids_must_be_long_or_int():
+    from vlpretrain.layers.attention import KVCache
+
+    model = make_model("debug")
+    ids, mask = make_text(2, 6, 1024, [6, 4])
+    with pytest.raises(ValueError, match="attention_mask with padding is not supported with a KV cache"):
+        model.backbone(pixel_values=torch.randn(2, 3, 32, 32), input_ids=ids, attention_mask=mask, cache=KVCache())
+    with pytest.raises(ValueError, match="input_ids must be integer token ids, got dtype torch.int16"):
+        model.encode_text(ids.to(torch.int16))
+
+
 def test_inconsistent_architecture_is_a_clear_error():
     with pytest.raises(ValueError, match="model.width: 100 is not a multiple of model.num_heads=3"):
         VLModel(VLConfig(width=100, num_heads=3))
     with pytest.raises(ValueError, match="model.image_size: 30 is not a multiple of model.patch_size=8"):
         VLModel(VLConfig(image_size=30, patch_size=8))
+    for key in ("num_heads", "patch_size", "depth"):
+        with pytest.raises(ValueError, match=f"model.{key}: 0 must be > 0"):
+            VLModel(VLConfig(**{key: 0}))
 
 
 @pytest.mark.parametrize("backend", ["eager", "sdpa"])

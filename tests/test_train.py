@@ -43,6 +43,21 @@ def test_run_writes_metrics_checkpoints_plots_summary_and_export(synth_root, tmp
     assert model.encode_text(batch["input_ids"], batch["attention_mask"]).shape == (1, 64)
 
 
+def test_restarting_from_an_older_checkpoint_refuses_while_newer_ones_exist(synth_root, tmp_path,
+                                                                             fresh_accelerate_state):
+    run_dir = tmp_path / "run"
+    run(synth_root, run_dir, "train.steps=4", "train.ckpt_every=2", "train.export=false", "data.val=null")
+    older = run_dir / "checkpoints" / "step_2"
+    with pytest.raises(ConfigError, match=r"newer than step 2 \(step_4\); move them out"):
+        run(synth_root, run_dir, f"train.resume={older}", "train.steps=4")
+    assert [s for s, _ in complete_checkpoints(run_dir)] == [2, 4]
+
+
+def test_data_too_small_for_one_batch_is_an_error_not_a_hang(synth_root, tmp_path, fresh_accelerate_state):
+    with pytest.raises(ConfigError, match="gave this rank no batch of 1024 samples"):
+        run(synth_root, tmp_path / "run", "train.batch_size=1024")
+
+
 @pytest.mark.parametrize("extra,match", [
     (["train.batch_size=15", "train.accum_steps=2"], r"train.batch_size: 15 does not split.*multiple of 2"),
     (["data.train=/nonexistent/shards"], r"/nonexistent/shards"),
@@ -69,20 +84,29 @@ def test_failed_start_overwrites_nothing_of_an_existing_run(synth_root, tmp_path
     assert after == before
 
 
-def test_nonfinite_losses_skip_updates_then_stop_with_the_last_good_weights(synth_root, tmp_path,
+@pytest.mark.parametrize("grad_clip", ["0", "1.0"])
+def test_nonfinite_losses_skip_updates_then_stop_with_the_last_good_weights(synth_root, tmp_path, grad_clip,
                                                                              fresh_accelerate_state):
-    # a learning rate so large the weights blow up: updates are skipped, then training stops
+    # a learning rate so large that the first update blows the weights up: later steps are skipped,
+    # then training stops with a checkpoint holding the weights of the last applied update
+    blow_up = ["optim.lr=1e30", "optim.warmup_steps=0", "optim.schedule=constant", f"optim.grad_clip={grad_clip}"]
     run_dir = tmp_path / "run"
     with pytest.raises(TrainingStopped, match="non-finite in 2 steps in a row"):
-        run(synth_root, run_dir, "optim.lr=1e30", "optim.warmup_steps=0", "optim.grad_clip=0",
-            "train.max_nonfinite=2", "train.steps=20")
+        run(synth_root, run_dir, *blow_up, "train.max_nonfinite=2", "train.steps=20")
     (step, ckpt), = complete_checkpoints(run_dir)
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert records[-1]["nonfinite_steps"] >= 1
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    applied = step - state["nonfinite_total"]
+    assert state["nonfinite_run"] == 2 and applied >= 1
+    from accelerate.state import AcceleratorState
     from safetensors.torch import load_file
 
-    weights = load_file(ckpt / "model.safetensors")
-    assert all(torch.isfinite(w).all() for w in weights.values())
+    AcceleratorState._reset_state(True)
+    reference_dir = tmp_path / "reference"  # the same run stopped after exactly the applied updates
+    run(synth_root, reference_dir, *blow_up, f"train.steps={applied}", "train.export=false", "data.val=null")
+    got = load_file(ckpt / "model.safetensors")
+    want = load_file(complete_checkpoints(reference_dir)[-1][1] / "model.safetensors")
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert any(not torch.isfinite(w).all() or w.abs().max() > 1e20 for w in want.values())  # it did blow up
 
 
 def test_wandb_offline_run_holds_the_logged_metrics(synth_root, tmp_path, monkeypatch, fresh_accelerate_state):

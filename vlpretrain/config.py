@@ -81,13 +81,15 @@ class ModelConfig:
     """Beginning-of-sequence token id (also the decoder start token)."""
     eos_token_id: int = 2
     """End-of-sequence token id."""
-    mask_token_id: int = 4
-    """Mask token id for masked token modelling."""
+    mask_token_id: Optional[int] = 4
+    """Mask token id for masked token modelling (None: the tokenizer has none)."""
 
     def validate(self) -> None:
         """Raise ConfigError naming the first inconsistent key and the fix."""
         from vlpretrain.layers.attention import BACKENDS
 
+        positive = ["image_size", "patch_size", "in_chans", "width", "depth", "num_heads", "vocab_size", "embed_dim"]
+        raise_first_failure([(getattr(self, k) > 0, f"model.{k}", f"{getattr(self, k)} must be > 0") for k in positive])
         checks = [
             (self.image_size % self.patch_size == 0, "model.image_size",
              f"{self.image_size} is not a multiple of model.patch_size={self.patch_size}"),
@@ -102,6 +104,8 @@ class ModelConfig:
         ]
         for name in ("pad_token_id", "bos_token_id", "eos_token_id", "mask_token_id"):
             value = getattr(self, name)
+            if value is None and name == "mask_token_id":
+                continue
             checks.append((0 <= value < self.vocab_size, f"model.{name}",
                            f"{value} is outside the vocabulary [0, model.vocab_size={self.vocab_size})"))
         raise_first_failure(checks)

@@ -157,7 +157,10 @@ def _tar_members(url: str) -> Iterator[tuple[str, bytes]]:
                 seen_any = True
                 yield name, data
             name = None
-            if not reader.ended_properly(tar.offset):
+            # tar.offset counts uncompressed bytes: only a plain tar can be checked against the raw tail;
+            # a compressed stream cut short fails in its decompressor instead (handled below)
+            plain = getattr(tar.fileobj, "comptype", "tar") == "tar"
+            if plain and not reader.ended_properly(tar.offset):
                 raise _Truncated("no end-of-archive block", None)
     except (_Truncated, GeneratorExit):
         raise

@@ -112,7 +112,7 @@ class VLBackbone(nn.Module):
         c = self.cfg
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids has shape {tuple(input_ids.shape)}; expected (B, T).")
-        if input_ids.dtype not in (torch.long, torch.int, torch.int16, torch.uint8):
+        if input_ids.dtype not in (torch.long, torch.int):
             raise ValueError(f"input_ids must be integer token ids, got dtype {input_ids.dtype}.")
         if offset + input_ids.shape[1] > c.max_text_len:
             raise ValueError(f"input_ids has {offset + input_ids.shape[1]} positions; the model's "
@@ -182,8 +182,9 @@ class VLBackbone(nn.Module):
         else:
             kind = layout or ("prefix_lm" if len(parts) == 2 else ("image" if pixel_values is not None else "text"))
         n_text = input_ids.shape[1] + offset if input_ids is not None else 0
-        if decoding and text_valid is not None:
-            raise ValueError("attention_mask is not supported for cached decoding steps.")
+        if cache is not None and text_valid is not None and not bool(text_valid.all()):
+            raise ValueError("attention_mask with padding is not supported with a KV cache (cached steps would "
+                             "attend to the pad keys); decode prompts of equal length, or without cache.")
         spec = AttentionLayout(kind, n_image, n_text, text_causal, text_valid, cross_from_layer)
         x = torch.cat(parts, dim=1)  # (B, L, D)
         if cache is not None:

@@ -31,8 +31,8 @@ from vlpretrain.objectives.combine import GradCache, ObjectiveSet, ObjectiveSetO
 
 def _unwrap(module: Any) -> ObjectiveSet:
     inner = module
-    while not isinstance(inner, ObjectiveSet) and hasattr(inner, "module"):
-        inner = inner.module  # DDP, accelerate wrappers
+    while not isinstance(inner, ObjectiveSet) and (hasattr(inner, "module") or hasattr(inner, "_orig_mod")):
+        inner = getattr(inner, "_orig_mod", None) or inner.module  # torch.compile, DDP, accelerate wrappers
     if not isinstance(inner, ObjectiveSet):
         raise TypeError(f"accumulate_backward takes an ObjectiveSet (or a DDP/accelerate wrapper of one), "
                         f"got {type(module).__name__}; build it with build_objective_set(model, entries).")

@@ -55,6 +55,12 @@ def resolve_resume(resume: str | None, run_dir: str | Path) -> Path | None:
     if not (path / TRAINER_STATE).is_file():
         raise ConfigError(f"train.resume: '{resume}' is not a complete checkpoint folder (no {TRAINER_STATE}); "
                           f"pass a {checkpoints_dir(run_dir)}/{PREFIX}<N> folder or 'auto'.")
+    step = json.loads((path / TRAINER_STATE).read_text())["step"]
+    newer = [p for s, p in complete_checkpoints(run_dir) if s > step]
+    if newer:  # their history is not this run's any more: later saves and resume=auto would mix the two
+        raise ConfigError(f"train.resume: run.dir already holds checkpoints newer than step {step} "
+                          f"({', '.join(p.name for p in newer)}); move them out of {checkpoints_dir(run_dir)} "
+                          f"(or resume into a new run.dir) to restart from {path}.")
     return path
 
 
@@ -85,12 +91,15 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, trainer_state: 
     if accelerator.is_main_process:
         (tmp / CONFIG_FILE).write_text(config_yaml)
         (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1))  # last file: marks it whole
-        if final.exists():  # the same step saved again (e.g. on SIGTERM right after a periodic save)
-            shutil.rmtree(final)
+        trash = root / f".{PREFIX}{step}.old"
+        if final.exists():  # the same step saved again: keep a complete copy until the new one is in place
+            shutil.rmtree(trash, ignore_errors=True)
+            final.rename(trash)
         tmp.rename(final)
+        shutil.rmtree(trash, ignore_errors=True)
         for _, old in complete_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
-        for stale in root.glob(f".{PREFIX}*.tmp"):
+        for stale in [*root.glob(f".{PREFIX}*.tmp"), *root.glob(f".{PREFIX}*.old")]:
             shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final

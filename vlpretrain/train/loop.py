@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate.utils import DistributedType
 from accelerate.utils import set_seed
 
 from vlpretrain.config import ConfigError, ExperimentConfig, to_yaml
@@ -34,6 +35,9 @@ from vlpretrain.train.checkpoint import (
 from vlpretrain.train.flops import FlopCounter, device_peak_flops
 from vlpretrain.train.metrics import MetricsLog, plot_curves
 from vlpretrain.train.optim import build_optimizer, build_scheduler
+
+
+SPECIAL_IDS = ("pad_token_id", "bos_token_id", "eos_token_id", "mask_token_id")
 
 
 class TrainingStopped(RuntimeError):
@@ -57,11 +61,27 @@ def _tokenizer_into_model_config(cfg: ExperimentConfig, tokenizer) -> None:
     """The model's vocabulary and special ids come from the tokenizer (one source of truth)."""
     m = cfg.model
     m.vocab_size = len(tokenizer)
-    for name in ("pad_token_id", "bos_token_id", "eos_token_id", "mask_token_id"):
+    for name in SPECIAL_IDS:
         value = getattr(tokenizer, name, None)
-        if value is not None:
-            setattr(m, name, int(value))
+        setattr(m, name, None if value is None else int(value))  # None mask: objectives needing one say so
     m.validate()
+
+
+def _model_from_pretrained(cfg: ExperimentConfig, tokenizer) -> None:
+    """``train.init_from``: the pretrained model's architecture, the run's own non-architecture keys,
+    and a tokenizer whose special ids and vocabulary the model knows."""
+    own = {k: getattr(cfg.model, k) for k in ("attn_backend", "patch_dropout")}
+    cfg.model = VLConfig.from_pretrained(cfg.train.init_from).to_model_config()
+    for k, v in own.items():
+        setattr(cfg.model, k, v)
+    if len(tokenizer) > cfg.model.vocab_size:
+        raise ConfigError(f"data.tokenizer has {len(tokenizer)} tokens but train.init_from's model only "
+                          f"{cfg.model.vocab_size}; use the tokenizer saved with that model.")
+    for name in SPECIAL_IDS:
+        ours, theirs = getattr(tokenizer, name, None), getattr(cfg.model, name)
+        if ours is not None and ours != theirs:
+            raise ConfigError(f"data.tokenizer's {name} is {ours} but train.init_from's model uses {theirs}; "
+                              f"use the tokenizer saved with that model.")
 
 
 def _micro_batch_size(cfg: ExperimentConfig, world: int) -> int:
@@ -104,13 +124,19 @@ def _next_batch(stream: ShardStream, it, state: _State, size: int):
     An epoch's ragged last batch is dropped (and counted): every rank must hold the same number of
     examples for the contrastive all-gather, and each step the same number of samples.
     """
+    full_epoch_without_batch = False
     while True:
         try:
             batch = next(it)
         except StopIteration:
+            if full_epoch_without_batch:
+                raise ConfigError(f"a whole epoch of data.train gave this rank no batch of {size} samples: each "
+                                  f"dataloader worker holds fewer samples than one micro-batch. Use fewer "
+                                  f"data.num_workers, a smaller train.batch_size, more data, or data.mode=resampled.") from None
+            full_epoch_without_batch = True
             state.epoch = stream.epoch
             it = iter(stream)
-            batch = next(it)
+            continue
         if len(batch["pixel_values"]) == size:
             return batch, it
         state.dropped_tail += len(batch["pixel_values"])
@@ -137,11 +163,8 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
         ensure_synthetic(cfg.data, cfg.model.image_size, cfg.run.seed)
     accelerator.wait_for_everyone()
     tokenizer = load_tokenizer(cfg.data.tokenizer)
-    if t.init_from:  # the pretrained model's shape rules; its vocabulary must cover the tokenizer
-        cfg.model = VLConfig.from_pretrained(t.init_from).to_model_config()
-        if len(tokenizer) > cfg.model.vocab_size:
-            raise ConfigError(f"data.tokenizer has {len(tokenizer)} tokens but train.init_from's model only "
-                              f"{cfg.model.vocab_size}; use the tokenizer saved with that model.")
+    if t.init_from:
+        _model_from_pretrained(cfg, tokenizer)
     else:
         _tokenizer_into_model_config(cfg, tokenizer)
     if resume is not None:
@@ -151,7 +174,8 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
                          world_size=world, seed=cfg.run.seed)
 
     set_seed(cfg.run.seed)
-    model = VLModel.from_pretrained(t.init_from) if t.init_from else VLModel(VLConfig.from_model_config(cfg.model))
+    config = VLConfig.from_model_config(cfg.model)
+    model = VLModel.from_pretrained(t.init_from, config=config) if t.init_from else VLModel(config)
     model.set_grad_checkpointing(t.grad_checkpointing)
     objectives = build_objective_set(model, cfg.objectives)
     optimizer = build_optimizer(objectives, cfg.optim, accelerator.device)
@@ -185,7 +209,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
     progress = _progress(accelerator, state.step, t.steps)
     it = iter(stream)
     window = {"time": 0.0, "wait": 0.0, "samples": 0, "flops": 0.0}
-    stopped_by = None
+    stopped_by, final = None, resume  # a run resumed at its last step has nothing new to save
     with _StopSignal() as stop:
         while state.step < t.steps:
             step_start = time.perf_counter()
@@ -204,19 +228,27 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
                 else:
                     out = accumulate_backward(module, batches, accelerator)
             loss = accelerator.reduce(out.loss.detach().float().reshape(1), "mean")
-            grad_norm = (accelerator.clip_grad_norm_(module.parameters(), cfg.optim.grad_clip)
-                         if cfg.optim.grad_clip > 0 else torch.tensor(0.0))
-            if math.isfinite(loss.item()) and math.isfinite(float(grad_norm)):
+            # the total norm is always computed (max_norm=inf clips nothing): it also detects non-finite gradients
+            grad_norm = accelerator.clip_grad_norm_(module.parameters(), cfg.optim.grad_clip or float("inf"))
+            finite = math.isfinite(loss.item())
+            if accelerator.scaler is not None:
+                # fp16: the grad scaler skips steps with inf/nan gradients itself and lowers its scale;
+                # it must see every step, so only a non-finite loss counts against the run
                 optimizer.step()
-                state.nonfinite_run = 0
+            elif finite and math.isfinite(float(grad_norm)):
+                optimizer.step()
             else:
-                state.nonfinite_total += 1
-                state.nonfinite_run += 1
+                finite = False
+            state.nonfinite_run = 0 if finite else state.nonfinite_run + 1
+            state.nonfinite_total += 0 if finite else 1
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
-            n_samples = int(accelerator.reduce(torch.tensor(sum(len(b["pixel_values"]) for b in batches),
-                                                            device=accelerator.device), "sum"))
+            # one reduce per step: samples of all ranks, and whether any rank got SIGTERM/SIGINT (all stop together)
+            counts = accelerator.reduce(torch.tensor([float(sum(len(b["pixel_values"]) for b in batches)),
+                                                      float(stop.received is not None)], device=accelerator.device),
+                                        "sum")
+            n_samples, stop_now = int(counts[0]), bool(counts[1] > 0)
             state.samples_seen += n_samples
             step_time = time.perf_counter() - step_start
             window["time"] += step_time
@@ -247,14 +279,15 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
             progress.update(1)
             if cfg.eval.every and state.step % cfg.eval.every == 0 and state.step < t.steps:
                 state.eval = _evaluate(cfg, accelerator, module, processor, log, state.step)
-            if stop.received is not None:
-                stopped_by = signal.Signals(stop.received).name
+            if stop_now:
+                stopped_by = signal.Signals(stop.received).name if stop.received is not None else "SIGTERM"
                 break
             if t.ckpt_every and state.step % t.ckpt_every == 0:
-                checkpoint()
+                final = checkpoint()
     progress.close()
     counter.remove()
-    final = checkpoint()
+    if final is None or final.name != f"step_{state.step}":
+        final = checkpoint()
     wall = time.perf_counter() - start
     if stopped_by is None:
         state.eval = _evaluate(cfg, accelerator, module, processor, log, state.step)
@@ -265,8 +298,9 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
                "skipped_samples": stream.skipped_by_reason(),
                "final_metrics": {k: v for k, v in (log.last or {}).items()}, "eval": state.eval,
                "checkpoint": str(final)}
-    if accelerator.is_main_process and t.export and stopped_by is None:
-        summary["export"] = str(_export(accelerator.unwrap_model(module).model, processor, run_dir))
+    model = _full_model(cfg, accelerator, module) if t.export and stopped_by is None else None
+    if model is not None:
+        summary["export"] = str(_export(model, processor, run_dir))
     if accelerator.is_main_process:
         summary["plots"] = [str(p) for p in plot_curves(run_dir)]
         _write_json(run_dir / "summary.json", summary)
@@ -306,11 +340,24 @@ def _progress(accelerator, step: int, total: int):
                 dynamic_ncols=True, desc="train")
 
 
+def _full_model(cfg: ExperimentConfig, accelerator, module) -> VLModel | None:
+    """The trained VLModel whole, on the main process (None elsewhere). Every rank must call this:
+    under FSDP the shards are gathered into a fresh model; otherwise the wrapped model is unwrapped."""
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return accelerator.unwrap_model(module).model if accelerator.is_main_process else None
+    state = accelerator.get_state_dict(module)  # collective: the full state dict lands on the main process
+    if not accelerator.is_main_process:
+        return None
+    model = VLModel(VLConfig.from_model_config(cfg.model))
+    model.load_state_dict({k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}, strict=False)
+    return model.to(accelerator.device)
+
+
 def _evaluate(cfg: ExperimentConfig, accelerator, module, processor, log: MetricsLog, step: int) -> dict:
     """Evaluation on data.val by the main process (the others wait); logged as eval/* figures."""
     results: dict[str, Any] = {}
-    if cfg.data.val and accelerator.is_main_process:
-        model = accelerator.unwrap_model(module).model
+    model = _full_model(cfg, accelerator, module) if cfg.data.val else None
+    if model is not None:
         stream = ShardStream(cfg.data, "val", batch_size=64, image_size=cfg.model.image_size,
                              context_length=cfg.model.max_text_len, tokenizer=processor.tokenizer, seed=cfg.run.seed)
         with accelerator.autocast():
