@@ -156,3 +156,16 @@ def _read_wandb(path) -> tuple[list[dict], bool]:
             if kind_name == "history":
                 rows.append({"/".join(i.nested_key) or i.key: json.loads(i.value_json) for i in rec.history.item})
     return rows, complete
+
+
+def test_tensorboard_tracker_holds_the_logged_loss(synth_root, tmp_path, fresh_accelerate_state):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tmp_path / "run"
+    run(synth_root, run_dir, "train.trackers=[tensorboard]", "train.steps=3", "train.export=false")
+    events = EventAccumulator(str(next(p.parent for p in run_dir.rglob("events.out.tfevents.*"))))
+    events.Reload()
+    logged = [e.value for e in events.Scalars("loss")]
+    ours = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+            if '"loss"' in line]
+    assert logged == pytest.approx(ours, rel=1e-6)
