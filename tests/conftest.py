@@ -26,3 +26,23 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state(True)
     yield
     AcceleratorState._reset_state(True)
+
+
+@pytest.fixture(scope="session")
+def trained_run(synth_root, tmp_path_factory):
+    """One short debug training run (pre-norm, so it is CLIP-expressible) shared by the eval, export and
+    fine-tuning tests: ``run/checkpoints/step_6`` and ``run/model``."""
+    from accelerate.state import AcceleratorState
+
+    from tests.helpers import train_overrides
+    from vlpretrain.config import load_config
+    from vlpretrain.train.loop import train
+
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    AcceleratorState._reset_state(True)
+    try:
+        train(load_config(None, train_overrides(synth_root, run_dir, "model.pre_norm=true", "train.steps=6",
+                                                "train.ckpt_every=6")))
+    finally:
+        AcceleratorState._reset_state(True)
+    return run_dir

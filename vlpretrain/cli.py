@@ -46,7 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     from vlpretrain.data import synthetic, tokenizer, writer
 
+    from vlpretrain.eval import suite as eval_suite
+    from vlpretrain.export import cli as export_cli
+
     synthetic.add_cli(sub)
+    export_cli.add_cli(sub)
+    eval_suite.add_cli(sub)
     writer.add_cli(sub)
     tokenizer.add_cli(sub)
     return parser

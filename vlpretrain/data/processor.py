@@ -86,8 +86,29 @@ class VLProcessor:
         tmp.replace(path / CONFIG_NAME)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path) -> VLProcessor:
+    def register_for_auto_class(cls, auto_class: str = "AutoProcessor") -> None:
+        """Remember the auto class this class was loaded through (``AutoProcessor`` calls this on
+        remote-code classes, as for HF's own processors)."""
+        cls._auto_class = auto_class
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, trust_remote_code: bool = False, revision: str | None = None,
+                        token: str | None = None, cache_dir: str | None = None,
+                        _from_auto: bool = False) -> VLProcessor:
+        """Load from a local folder or a hub repo id (downloaded with huggingface_hub at ``revision``).
+
+        ``trust_remote_code`` and ``_from_auto`` are accepted because ``AutoProcessor`` passes them;
+        nothing here runs code from the folder (its JSON and tokenizer files are data).
+        """
         path = Path(path)
+        if not path.is_dir() and not path.is_absolute() and str(path).count("/") == 1:
+            from huggingface_hub import snapshot_download
+
+            try:
+                path = Path(snapshot_download(repo_id=str(path), revision=revision, token=token,
+                                                 cache_dir=cache_dir))
+            except Exception:  # not a reachable repo either: the missing-folder error below says what to do
+                pass
         config_file = path / CONFIG_NAME
         if not config_file.is_file():
             raise FileNotFoundError(f"'{path}' has no {CONFIG_NAME}; save a processor there with "

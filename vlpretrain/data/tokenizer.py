@@ -89,7 +89,7 @@ def load_tokenizer(path: str | Path):
         raise FileNotFoundError(f"tokenizer folder '{path}' does not exist; create one with "
                                 f"`vlpretrain tokenizer --data SHARDS --vocab-size N --out {path}` "
                                 "or point data.tokenizer at a local HuggingFace tokenizer folder.")
-    tok = AutoTokenizer.from_pretrained(str(path))
+    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)  # a tokenizer never runs folder code
     missing = [n for n in ("pad_token_id", "bos_token_id", "eos_token_id") if getattr(tok, n) is None]
     if missing:
         raise ValueError(f"tokenizer '{path}' has no {', '.join(missing)}; captions are encoded as "

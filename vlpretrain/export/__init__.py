@@ -1,0 +1,1 @@
+"""Export: a hub folder with remote code (``hf``), and the command ``vlpretrain export``."""

@@ -220,7 +220,10 @@ def flash_attn_available() -> bool:
 
 
 def _flash(q, k, v, layout: AttentionLayout, causal: bool):
-    from flash_attn import flash_attn_func, flash_attn_varlen_func
+    try:  # an optional package: the try also keeps transformers' remote-code import check quiet
+        from flash_attn import flash_attn_func, flash_attn_varlen_func
+    except ImportError as exc:
+        raise RuntimeError("the flash_attn backend needs `pip install vlpretrain[flash]` on a CUDA machine.") from exc
 
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, L, H, Dh)
     key_valid = layout._key_valid()

@@ -81,6 +81,7 @@ class VLBackbone(nn.Module):
         self.text_embed = nn.Embedding(cfg.vocab_size, D)
         self.text_pos_embed = nn.Parameter(torch.randn(1, cfg.max_text_len, D) * 0.01)
         self.modality_embed = nn.Parameter(torch.zeros(2, D))  # [image, text]; zero keeps timm parity
+        self.norm_pre = nn.LayerNorm(D, eps=cfg.norm_eps) if cfg.pre_norm else nn.Identity()  # timm's name
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(D, eps=cfg.norm_eps)
         if cfg.modality_experts:
@@ -131,12 +132,12 @@ class VLBackbone(nn.Module):
         return noise.argsort(dim=1)[:, :keep].sort(dim=1).values
 
     def embed_image(self, pixel_values, keep_idx=None):
-        """(B, C, H, W) -> (B, 1 + n_keep, D): cls token first, then the kept patches."""
+        """(B, C, H, W) -> (B, 1 + n_keep, D): cls token first, then the kept patches (``norm_pre`` last)."""
         x = self.patch_embed(pixel_values) + self.pos_embed[:, 1:]  # (B, N, D)
         if keep_idx is not None:
             x = torch.gather(x, 1, keep_idx[..., None].expand(-1, -1, x.shape[-1]))
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
-        return torch.cat([cls, x], dim=1) + self.modality_embed[0]
+        return self.norm_pre(torch.cat([cls, x], dim=1) + self.modality_embed[0])  # (B, 1 + n_keep, D)
 
     def embed_text(self, input_ids, offset: int = 0):
         """(B, T) -> (B, T, D), positions counted from ``offset`` (cached tokens)."""

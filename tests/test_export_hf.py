@@ -1,0 +1,134 @@
+"""``vlpretrain export --format hf``: a hub folder that transformers loads with no vlpretrain around."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from vlpretrain.cli import main
+from vlpretrain.export.source import IncompleteCheckpoint, load_source
+
+FRESH_PROCESS = r'''
+import json, sys
+try:
+    import vlpretrain
+except ImportError:
+    pass
+else:
+    sys.exit("vlpretrain is importable here: the test would prove nothing")
+import torch
+from PIL import Image
+from transformers import AutoModel, AutoProcessor
+
+folder = sys.argv[1]
+model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+images = [Image.new("RGB", (32, 32), (220, 40, 40)), Image.new("RGB", (32, 32), (40, 80, 220))]
+batch = processor(images=images, text=["a small red circle", "two blue squares at the top"])
+with torch.no_grad():
+    out = {"image": model.encode_image(batch["pixel_values"]).tolist(),
+           "text": model.encode_text(batch["input_ids"], batch["attention_mask"]).tolist(),
+           "input_ids": batch["input_ids"].tolist(), "model_module": type(model).__module__}
+print("RESULT " + json.dumps(out))
+'''
+
+
+@pytest.fixture(scope="module")
+def hf_export(trained_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("hf") / "vl-debug"
+    assert main(["export", str(trained_run / "checkpoints" / "step_6"), "--out", str(out)]) == 0
+    return out
+
+
+def test_hf_folder_has_config_weights_tokenizer_processor_code_and_card(hf_export):
+    names = {p.name for p in hf_export.iterdir()}
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "vlprocessor_config.json", "modeling_vlpretrain.py", "processing_vlpretrain.py", "README.md"):
+        assert name in names, name
+    config = json.loads((hf_export / "config.json").read_text())
+    assert config["auto_map"]["AutoModel"] == "modeling_vlpretrain.VLModel"
+    assert config["vlpretrain_training"]["steps"] == 6
+    for code in hf_export.glob("*.py"):
+        assert not re.search(r"^\s*(from|import) vlpretrain\b", code.read_text(), re.MULTILINE), code
+    card = (hf_export / "README.md").read_text()
+    assert "license: apache-2.0" in card and "`contrastive`" in card and "Steps: 6" in card
+    assert "i2t_r@1" in card and "trust_remote_code=True" in card
+    assert not [p for p in hf_export.parent.iterdir() if p.name.startswith(".")]  # no temporary left
+
+
+def test_fresh_process_without_vlpretrain_loads_it_with_the_same_embeddings(hf_export, trained_run, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
+    script = tmp_path / "load_elsewhere.py"
+    script.write_text(FRESH_PROCESS)
+    proc = subprocess.run([sys.executable, "-I", str(script), str(hf_export)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    theirs = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    assert theirs["model_module"].startswith("transformers_modules.")
+    ours = load_source(trained_run / "checkpoints" / "step_6")
+    images = [Image.new("RGB", (32, 32), (220, 40, 40)), Image.new("RGB", (32, 32), (40, 80, 220))]
+    batch = ours.processor(images=images, text=["a small red circle", "two blue squares at the top"])
+    assert batch["input_ids"].tolist() == theirs["input_ids"]
+    with torch.no_grad():
+        img = ours.model.encode_image(batch["pixel_values"])
+        txt = ours.model.encode_text(batch["input_ids"], batch["attention_mask"])
+    diff = max((img - torch.tensor(theirs["image"])).abs().max().item(),
+               (txt - torch.tensor(theirs["text"])).abs().max().item())
+    print(f"hf export embedding max abs diff: {diff:.2e}")
+    assert diff < 1e-5
+
+
+def test_reexport_from_the_hf_folder_keeps_the_training_facts(hf_export, tmp_path):
+    out = tmp_path / "again"
+    assert main(["export", str(hf_export), "--out", str(out)]) == 0
+    assert "Steps: 6" in (out / "README.md").read_text()
+    a, b = load_source(hf_export).model.state_dict(), load_source(out).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_incomplete_checkpoint_is_a_clear_error_and_writes_nothing(trained_run, tmp_path, capsys):
+    broken = tmp_path / "step_6"
+    shutil.copytree(trained_run / "checkpoints" / "step_6", broken)
+    (broken / "model.safetensors").unlink()
+    out = tmp_path / "out"
+    with pytest.raises(IncompleteCheckpoint, match="no model.safetensors"):
+        load_source(broken)
+    assert main(["export", str(broken), "--out", str(out)]) == 2
+    assert "incomplete" in capsys.readouterr().err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_pickled_weights_are_refused_not_run(trained_run, tmp_path):
+    folder = tmp_path / "step_6"
+    shutil.copytree(trained_run / "checkpoints" / "step_6", folder)
+    (folder / "model.safetensors").unlink()
+    torch.save({"weights": Path("/etc")}, folder / "pytorch_model.bin")  # an arbitrary object, not a tensor
+    with pytest.raises(ValueError, match="will not be unpickled"):
+        load_source(folder)
+
+
+def test_push_to_hub_uploads_the_exported_folder(trained_run, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    calls = []
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo",
+                        lambda self, repo_id, private, exist_ok: calls.append(("create", repo_id, exist_ok)))
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder",
+                        lambda self, folder_path, repo_id, commit_message: calls.append(
+                            ("upload", sorted(p.name for p in Path(folder_path).iterdir()), repo_id)))
+    out = tmp_path / "pushed"
+    assert main(["export", str(trained_run / "checkpoints" / "step_6"), "--out", str(out),
+                 "--push-to-hub", "me/vl-debug"]) == 0
+    assert calls[0] == ("create", "me/vl-debug", True)
+    assert calls[1][0] == "upload" and calls[1][2] == "me/vl-debug"
+    assert "model.safetensors" in calls[1][1] and "modeling_vlpretrain.py" in calls[1][1]

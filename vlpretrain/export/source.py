@@ -1,0 +1,138 @@
+"""Load what an export starts from: a trainer checkpoint (``checkpoints/step_N``) or a model folder.
+
+A checkpoint holds Accelerate's ``model.safetensors`` of the objective set (``model.*`` for the
+VLModel, ``objectives.<name>.*`` for objective parameters such as the contrastive logit scale),
+``config.yaml`` (the resolved experiment) and ``trainer_state.json``. A model folder is what
+``VLModel.save_pretrained`` + ``VLProcessor.save_pretrained`` write (the trainer's ``run.dir/model``
+or an ``hf`` export). Nothing here unpickles: weights come from safetensors, or from a ``.bin`` file
+through ``torch.load(weights_only=True)``, which refuses anything but tensors and plain containers.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlpretrain.data.processor import CONFIG_NAME as PROCESSOR_CONFIG
+from vlpretrain.data.processor import VLProcessor
+from vlpretrain.models.modeling import VLConfig, VLModel
+
+TRAINING_INFO_KEY = "vlpretrain_training"  # config.json entry carrying TrainingInfo through exports
+
+
+@dataclass
+class TrainingInfo:
+    """What is known about how a model was trained (for the model card and the CLIP logit scale)."""
+
+    objectives: list[dict] = field(default_factory=list)
+    data: str | None = None
+    steps: int | None = None
+    samples_seen: int | None = None
+    eval: dict[str, float] = field(default_factory=dict)
+    logit_scale: float | None = None  # log of the contrastive temperature's inverse, as CLIP stores it
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in vars(self).items()}
+
+
+@dataclass
+class LoadedModel:
+    model: VLModel
+    processor: VLProcessor
+    info: TrainingInfo
+
+
+class IncompleteCheckpoint(FileNotFoundError):
+    """A checkpoint or model folder that lacks a file an export needs."""
+
+
+def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The tensors of ``folder/model.safetensors`` (or ``pytorch_model.bin``, loaded weights-only)."""
+    from safetensors.torch import load_file
+
+    if (folder / "model.safetensors").is_file():
+        return load_file(str(folder / "model.safetensors"))
+    if (folder / "pytorch_model.bin").is_file():
+        try:
+            return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        except Exception as exc:  # weights_only refuses arbitrary pickles: say so instead of running them
+            raise ValueError(f"{folder / 'pytorch_model.bin'} is not a plain tensor file ({exc}); it will not be "
+                             "unpickled. Re-save it as safetensors.") from exc
+    raise IncompleteCheckpoint(f"'{folder}' has no model.safetensors (nor pytorch_model.bin): the checkpoint is "
+                               "incomplete. Pick a complete checkpoints/step_N folder or an exported model folder.")
+
+
+def is_checkpoint(path: Path) -> bool:
+    return (path / "config.yaml").is_file() or (path / "trainer_state.json").is_file()
+
+
+def load_source(path: str | Path) -> LoadedModel:
+    """A trainer checkpoint or a model folder as (VLModel in eval mode, VLProcessor, TrainingInfo)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"'{path}' is not a folder; pass a run's checkpoints/step_N folder or a model "
+                                "folder (run.dir/model or an hf export).")
+    loaded = _from_checkpoint(path) if is_checkpoint(path) else _from_model_folder(path)
+    loaded.model.eval()
+    return loaded
+
+
+def _from_checkpoint(path: Path) -> LoadedModel:
+    from omegaconf import OmegaConf
+
+    from vlpretrain.config import ExperimentConfig
+
+    missing = [n for n in ("config.yaml", "trainer_state.json") if not (path / n).is_file()]
+    if missing:
+        raise IncompleteCheckpoint(f"checkpoint '{path}' is incomplete: no {', '.join(missing)}. Pick a complete "
+                                   "checkpoints/step_N folder (hidden .step_N.tmp folders are unfinished saves).")
+    cfg: ExperimentConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ExperimentConfig),
+                                                                OmegaConf.load(path / "config.yaml")))
+    weights = read_weights(path)
+    model = VLModel(VLConfig.from_model_config(cfg.model))
+    prefix = "model."
+    state = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+    missing_keys, unexpected = model.load_state_dict(state, strict=False)
+    missing_keys = [k for k in missing_keys if k != "lm_head.weight" or not cfg.model.tie_word_embeddings]
+    if missing_keys or unexpected:
+        raise IncompleteCheckpoint(f"checkpoint '{path}' does not match its config.yaml: missing {missing_keys[:5]}, "
+                                   f"unexpected {unexpected[:5]}.")
+    if cfg.model.tie_word_embeddings:
+        model.tie_weights()
+    processor = VLProcessor.from_data_config(cfg.data, cfg.model.image_size, cfg.model.max_text_len)
+    state_json = json.loads((path / "trainer_state.json").read_text())
+    scale = weights.get("objectives.contrastive.logit_scale")
+    info = TrainingInfo(objectives=[dict(vars(o)) if not isinstance(o, dict) else o for o in cfg.objectives],
+                        data=str(cfg.data.train), steps=state_json.get("step"),
+                        samples_seen=state_json.get("samples_seen"), eval=_eval_figures(path.parent.parent,
+                                                                                         state_json.get("step")),
+                        logit_scale=float(scale) if scale is not None else None)
+    return LoadedModel(model, processor, info)
+
+
+def _eval_figures(run_dir: Path, step: int | None) -> dict[str, float]:
+    """The newest ``eval/*`` figures a run logged at or before ``step`` (empty when none)."""
+    figures: dict[str, float] = {}
+    log = run_dir / "metrics.jsonl"
+    for line in log.read_text().splitlines() if log.is_file() else []:
+        record = json.loads(line)
+        if step is not None and record.get("step", 0) > step:
+            break
+        found = {k[5:]: v for k, v in record.items() if k.startswith("eval/") and isinstance(v, (int, float))}
+        figures = found or figures
+    return figures
+
+
+def _from_model_folder(path: Path) -> LoadedModel:
+    for name in ("config.json", PROCESSOR_CONFIG):
+        if not (path / name).is_file():
+            raise IncompleteCheckpoint(f"'{path}' is neither a checkpoint (no config.yaml / trainer_state.json) nor "
+                                       f"a complete model folder (no {name}).")
+    read_weights(path)  # a clear error before transformers reports a missing file its own way
+    model = VLModel.from_pretrained(str(path))
+    info = TrainingInfo(**getattr(model.config, TRAINING_INFO_KEY, None) or {})
+    return LoadedModel(model, VLProcessor.from_pretrained(path), info)

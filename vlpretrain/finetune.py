@@ -1,0 +1,142 @@
+"""Fine-tuning API: an image classifier on the pretrained model, LiT-style freezing and LoRA.
+
+``VLModel`` itself works with ``transformers.Trainer`` (give it ``pixel_values``, ``input_ids``,
+``attention_mask`` and ``labels``; it returns the captioning ``loss``). For classification,
+:class:`VLModelForImageClassification` puts a linear head on the L2-normalised image embedding; the
+head can start as the zero-shot classifier built from class-name prompts.
+
+The backbone is SHARED by image and text tokens, so only parameters that one modality alone uses can
+be frozen for it: :func:`lock_image_tower` and :func:`lock_text` never freeze the shared blocks
+(attention, and norms/MLPs unless the model has modality experts) nor ``modality_embed`` (one
+tensor holding both modalities' rows). To freeze everything but a head, use
+``model.requires_grad_(False)`` and unfreeze the head.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import ImageClassifierOutput
+
+from vlpretrain.models.modeling import VLConfig, VLModel
+
+DEFAULT_TEMPLATES = ("a photo of a {}.", "{}", "an image of a {}.")
+# every linear projection of attention and MLP, in shared blocks and text experts alike
+LORA_TARGET_MODULES = r".*blocks\.\d+\.(attn\.(qkv|proj)|(text_)?mlp\.(fc1|fc2))"
+
+
+@torch.no_grad()
+def class_text_embeddings(model: VLModel, processor, class_names: Sequence[str],
+                          templates: Sequence[str] = DEFAULT_TEMPLATES) -> torch.Tensor:
+    """(K, E) L2-normalised class embeddings: the mean over ``templates`` of each class's prompt
+    embeddings, renormalised (CLIP's prompt ensembling)."""
+    if not class_names:
+        raise ValueError("class_names is empty; give one name per class.")
+    device = next(model.parameters()).device
+    prompts = [t.format(name) for name in class_names for t in templates]
+    batch = processor(text=prompts)
+    emb = model.encode_text(batch["input_ids"].to(device), batch["attention_mask"].to(device))  # (K*P, E)
+    emb = emb.view(len(class_names), len(templates), -1).mean(1)  # (K, E)
+    return F.normalize(emb, dim=-1)
+
+
+class VLModelForImageClassification(PreTrainedModel):
+    """Linear classifier on ``VLModel.encode_image`` (normalised); ``labels`` (B,) give ``loss``."""
+
+    config_class = VLConfig
+    base_model_prefix = "vlmodel"
+    main_input_name = "pixel_values"
+
+    def __init__(self, config: VLConfig):
+        super().__init__(config)
+        self.vlmodel = VLModel(config)
+        self.classifier = nn.Linear(config.embed_dim, config.num_labels)
+        self.post_init()
+
+    def _init_weights(self, module):
+        if module is self.classifier:
+            nn.init.normal_(module.weight, std=0.02)
+            nn.init.zeros_(module.bias)
+        else:
+            self.vlmodel._init_weights(module)
+
+    @torch.no_grad()
+    def init_head_from_class_names(self, processor, class_names: Sequence[str],
+                                   templates: Sequence[str] = DEFAULT_TEMPLATES, scale: float = 100.0) -> None:
+        """Zero-shot initialisation: row k = ``scale`` * class k's text embedding, bias 0, so the
+        untrained classifier is the zero-shot classifier (logits = scale * cosine similarity)."""
+        if len(class_names) != self.config.num_labels:
+            raise ValueError(f"{len(class_names)} class names for a head of num_labels={self.config.num_labels}.")
+        emb = class_text_embeddings(self.vlmodel, processor, class_names, templates)  # (K, E)
+        self.classifier.weight.copy_(scale * emb)
+        self.classifier.bias.zero_()
+
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> ImageClassifierOutput:
+        logits = self.classifier(self.vlmodel.encode_image(pixel_values))  # (B, K)
+        loss = F.cross_entropy(logits, labels) if labels is not None else None
+        return ImageClassifierOutput(loss=loss, logits=logits)
+
+
+def _image_only_names(model: VLModel) -> list[str]:
+    experts = model.config.modality_experts
+    names = []
+    for name, _ in model.named_parameters():
+        local = name.split("vlmodel.", 1)[-1]
+        if local.startswith(("backbone.patch_embed.", "backbone.cls_token", "backbone.pos_embed",
+                             "backbone.norm_pre.", "image_proj.")):
+            names.append(name)
+        elif experts and re.match(r"backbone\.(blocks\.\d+\.(norm1|norm2|mlp)\.|norm\.)", local):
+            names.append(name)  # with experts these serve image tokens only (text has text_norm*, text_mlp)
+    return names
+
+
+def _text_only_names(model: VLModel) -> list[str]:
+    experts = model.config.modality_experts
+    names = []
+    for name, _ in model.named_parameters():
+        local = name.split("vlmodel.", 1)[-1]
+        if local.startswith(("backbone.text_embed.", "backbone.text_pos_embed", "text_proj.", "lm_head.")):
+            names.append(name)
+        elif experts and re.match(r"backbone\.(blocks\.\d+\.text_(norm1|norm2|mlp)\.|text_norm\.)", local):
+            names.append(name)
+    return names
+
+
+def _freeze(model: nn.Module, names: list[str]) -> list[str]:
+    params = dict(model.named_parameters())
+    for name in names:
+        params[name].requires_grad_(False)
+    return names
+
+
+def lock_image_tower(model: VLModel) -> list[str]:
+    """LiT: freeze the parameters only image tokens use; returns their names.
+
+    That is ``patch_embed``, ``cls_token``, ``pos_embed``, ``norm_pre``, ``image_proj`` and, with
+    modality experts, each block's image norms and MLP and the final image ``norm``. The shared
+    blocks (and ``modality_embed``) stay trainable: they cannot be frozen for one modality only.
+    """
+    return _freeze(model, _image_only_names(model))
+
+
+def lock_text(model: VLModel) -> list[str]:
+    """Freeze the parameters only text tokens use: ``text_embed`` (= the tied ``lm_head``),
+    ``text_pos_embed``, ``text_proj`` and, with modality experts, the text norms and MLPs. The shared
+    blocks stay trainable (see :func:`lock_image_tower`)."""
+    return _freeze(model, _text_only_names(model))
+
+
+def apply_lora(model: nn.Module, r: int = 8, alpha: int = 16, dropout: float = 0.0,
+               modules_to_save: Sequence[str] = ()):
+    """Wrap ``model`` with peft LoRA adapters on every attention (``qkv``, ``proj``) and MLP
+    (``fc1``, ``fc2``) projection; ``modules_to_save`` stay fully trainable (e.g. ``["classifier"]``)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=LORA_TARGET_MODULES,
+                        modules_to_save=list(modules_to_save) or None)
+    return get_peft_model(model, config)
