@@ -18,7 +18,19 @@ from vlpretrain.cli import main
 from vlpretrain.export.source import IncompleteCheckpoint, load_source
 
 FRESH_PROCESS = r'''
-import json, sys
+import importlib.abc, json, sys
+
+
+class HideVlpretrain(importlib.abc.MetaPathFinder):
+    """Where vlpretrain is installed (CI installs it editable), make it unimportable, as elsewhere."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "vlpretrain" or name.startswith("vlpretrain."):
+            raise ImportError(f"{name} is hidden from this process")
+        return None
+
+
+sys.meta_path.insert(0, HideVlpretrain())
 try:
     import vlpretrain
 except ImportError:
