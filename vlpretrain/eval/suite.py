@@ -1,8 +1,11 @@
 """``vlpretrain eval --model DIR --data SHARDS [--tasks ...] [--out FILE]``: every figure as one JSON.
 
 Tasks: ``retrieval`` (multi-caption R@1/5/10 both ways), ``zeroshot`` (top-1/top-5 from class names
-and prompt templates), ``captioning`` (greedy captions, BLEU-4 and CIDEr against all references),
-``linear_probe`` (logistic regression on frozen image features, half the samples to fit, half to test).
+and prompt templates), ``captioning`` (greedy and, with ``--beams N``, beam-search captions; BLEU-4 and
+CIDEr against all references), ``linear_probe`` (logistic regression on frozen image features, half
+the samples to fit, half to test).
+``--images FOLDER --prompts FILE`` adds the CLIPScore-style alignment score; with ``--out FILE.json`` a
+PNG sheet of sample images, captions and top retrieved texts is written next to it as ``FILE.png``.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Any
 
 import torch
 
+from vlpretrain.eval.beam import beam_search
 from vlpretrain.eval.metrics import caption_scores, multi_caption_recall, topk_accuracy
 from vlpretrain.eval.samples import EvalSample, load_class_names, read_samples
 from vlpretrain.finetune import DEFAULT_TEMPLATES, class_text_embeddings
@@ -43,8 +47,10 @@ def _retrieval(model, processor, samples, image_emb) -> dict[str, float]:
     for i in range(0, len(texts), 256):
         batch = processor(text=[c for _, c in texts[i:i + 256]])
         emb.append(model.encode_text(batch["input_ids"], batch["attention_mask"]))
-    owner = torch.tensor([i for i, _ in texts])
-    return {**multi_caption_recall(image_emb, torch.cat(emb), owner), "captions": len(texts)}
+    owner, text_emb = torch.tensor([i for i, _ in texts]), torch.cat(emb)
+    top = (image_emb[:8] @ text_emb.T).argmax(1).tolist()  # the best caption of the first images (sheet)
+    return {**multi_caption_recall(image_emb, text_emb, owner), "captions": len(texts),
+            "examples": [texts[j][1] for j in top]}
 
 
 def _labels(samples, task: str) -> torch.Tensor:
@@ -67,16 +73,23 @@ def _zeroshot(model, processor, samples, image_emb, class_names, templates) -> d
 
 
 @torch.no_grad()
-def _captioning(model, processor, samples, max_new_tokens: int) -> dict[str, Any]:
+def _captioning(model, processor, samples, max_new_tokens: int, beams: int = 1) -> dict[str, Any]:
+    """Greedy captions (and, with ``beams`` > 1, beam-search captions) scored against all references."""
     if any(not s.captions for s in samples):
         raise ValueError("captioning needs reference captions for every sample (.txt or .json).")
-    generated = []
+    greedy, beam = [], []
     for i in range(0, len(samples), 64):
         pixels = processor(images=[s.image for s in samples[i:i + 64]])["pixel_values"]
-        generated += processor.batch_decode(model.generate(pixels, max_new_tokens=max_new_tokens))
-    scores = caption_scores(generated, [s.captions for s in samples])
-    return {"greedy": scores, "examples": [{"generated": g, "references": s.captions[:3]}
-                                          for g, s in zip(generated[:8], samples)]}
+        greedy += processor.batch_decode(model.generate(pixels, max_new_tokens=max_new_tokens))
+        if beams > 1:
+            beam += processor.batch_decode(beam_search(model, pixels, beams, max_new_tokens)[0])
+    references = [s.captions for s in samples]
+    out: dict[str, Any] = {"greedy": caption_scores(greedy, references)}
+    if beams > 1:
+        out[f"beam{beams}"] = caption_scores(beam, references)
+    out["examples"] = [{"generated": g, **({"beam": beam[j]} if beam else {}), "references": s.captions[:3]}
+                       for j, (g, s) in enumerate(zip(greedy[:8], samples))]
+    return out
 
 
 def _linear_probe(samples, features) -> dict[str, float]:
@@ -93,7 +106,8 @@ def _linear_probe(samples, features) -> dict[str, float]:
 
 
 def evaluate_model(model_dir: str, data: str, tasks: tuple[str, ...] = ("retrieval",), class_names=None,
-                   templates=DEFAULT_TEMPLATES, max_samples: int = 0, max_new_tokens: int = 24) -> dict[str, Any]:
+                   templates=DEFAULT_TEMPLATES, max_samples: int = 0, max_new_tokens: int = 24,
+                   beams: int = 1) -> dict[str, Any]:
     """Every requested figure of the model at ``model_dir`` (any folder ``load_source`` reads) on ``data``."""
     from vlpretrain.export.source import load_source
 
@@ -112,7 +126,7 @@ def evaluate_model(model_dir: str, data: str, tasks: tuple[str, ...] = ("retriev
             results[task] = _zeroshot(model, processor, samples, image_emb, load_class_names(data, class_names),
                                       templates)
         elif task == "captioning":
-            results[task] = _captioning(model, processor, samples, max_new_tokens)
+            results[task] = _captioning(model, processor, samples, max_new_tokens, beams)
         else:
             results[task] = _linear_probe(samples, features)
     return results
@@ -121,22 +135,48 @@ def evaluate_model(model_dir: str, data: str, tasks: tuple[str, ...] = ("retriev
 def add_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a model folder or checkpoint on shards; JSON of all figures")
     p.add_argument("--model", required=True, help="model folder (run.dir/model, hf export) or checkpoints/step_N")
-    p.add_argument("--data", required=True, help="evaluation shards (same syntax as data.train)")
+    p.add_argument("--data", default=None, help="evaluation shards (same syntax as data.train)")
+    p.add_argument("--images", default=None, help="alignment score: a folder of images (with --prompts)")
+    p.add_argument("--prompts", default=None, help="alignment score: one prompt per image line (file-name order) "
+                   "or a JSON {file name: prompt}")
     p.add_argument("--tasks", nargs="+", default=["retrieval"], choices=TASKS, help="tasks to run")
     p.add_argument("--class-names", nargs="+", default=None, help="class names (else classnames.json by the shards)")
     p.add_argument("--max-samples", type=int, default=0, help="samples to read (0: all)")
     p.add_argument("--max-new-tokens", type=int, default=24, help="longest generated caption")
+    p.add_argument("--beams", type=int, default=1, help="captioning: also beam search with this many beams (> 1)")
     p.add_argument("--out", default=None, help="JSON file for the figures (default: print only)")
     p.set_defaults(func=_cmd_eval)
 
 
+def _alignment(model_dir: str, images: str, prompts: str) -> dict[str, Any]:
+    from vlpretrain.eval.report import alignment_scores, read_prompts
+    from vlpretrain.export.source import load_source
+
+    pairs = read_prompts(images, prompts)
+    loaded = load_source(model_dir)
+    return {"model": str(model_dir), "alignment": alignment_scores(loaded.model, loaded.processor, pairs)}
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
-    results = evaluate_model(args.model, args.data, tuple(args.tasks), args.class_names,
-                             max_samples=args.max_samples, max_new_tokens=args.max_new_tokens)
+    from vlpretrain.eval.report import write_sheet
+
+    if (args.images is None) != (args.prompts is None) or (args.data is None and args.images is None):
+        raise ValueError("give --data SHARDS, or --images FOLDER with --prompts FILE (alignment score), or both.")
+    results: dict[str, Any] = {}
+    if args.data is not None:
+        results = evaluate_model(args.model, args.data, tuple(args.tasks), args.class_names,
+                                 max_samples=args.max_samples, max_new_tokens=args.max_new_tokens, beams=args.beams)
+    if args.images is not None:
+        results = {**_alignment(args.model, args.images, args.prompts), **results}
     text = json.dumps(results, indent=2)
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
+        if args.data is not None:  # the sample sheet next to the JSON
+            from vlpretrain.export.source import load_source
+
+            samples = read_samples(args.data, load_source(args.model).processor, 8)
+            write_sheet(out.with_suffix(".png"), [s.image for s in samples], results)
         tmp = out.with_name(f".{out.name}.tmp")
         tmp.write_text(text)
         tmp.replace(out)
