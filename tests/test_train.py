@@ -169,3 +169,21 @@ def test_tensorboard_tracker_holds_the_logged_loss(synth_root, tmp_path, fresh_a
     ours = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
             if '"loss"' in line]
     assert logged == pytest.approx(ours, rel=1e-6)
+
+
+def test_init_from_a_checkpoint_folder_starts_from_its_weights(synth_root, tmp_path, fresh_accelerate_state):
+    from accelerate.state import AcceleratorState
+    from safetensors.torch import load_file
+
+    first = tmp_path / "first"
+    run(synth_root, first, "train.steps=2", "train.export=false", "data.val=null")
+    ckpt = complete_checkpoints(first)[-1][1]
+    AcceleratorState._reset_state(True)
+    second = tmp_path / "second"  # one step with a vanishing learning rate: the weights must stay the checkpoint's
+    run(synth_root, second, f"train.init_from={ckpt}", "train.steps=1", "optim.lr=1e-20", "optim.weight_decay=0",
+        "train.export=false", "data.val=null", "model.patch_dropout=0.25")
+    before, after = load_file(ckpt / "model.safetensors"), load_file(complete_checkpoints(second)[-1][1] / "model.safetensors")
+    model_keys = [k for k in before if k.startswith("model.")]
+    assert model_keys and all((after[k] - before[k]).abs().max() < 1e-12 for k in model_keys)
+    saved = load_config(second / "config.yaml")
+    assert saved.model.patch_dropout == 0.25 and saved.model.width == 64  # own training keys, pretrained shape

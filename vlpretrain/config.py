@@ -179,7 +179,7 @@ class TrainConfig:
     trackers: list[str] = field(default_factory=list)
     """Accelerate trackers to log to: wandb (WANDB_MODE=offline works), tensorboard."""
     init_from: Optional[str] = None
-    """Start from the weights of an exported or saved model folder (fine-tuning, continued training)."""
+    """Start from the weights of a model folder (export, run.dir/model) or a checkpoints/step_N folder."""
     export: bool = True
     """Save the final model and processor as a HuggingFace folder in run.dir/model at the end."""
 

@@ -67,11 +67,14 @@ def _tokenizer_into_model_config(cfg: ExperimentConfig, tokenizer) -> None:
     m.validate()
 
 
-def _model_from_pretrained(cfg: ExperimentConfig, tokenizer) -> None:
-    """``train.init_from``: the pretrained model's architecture, the run's own non-architecture keys,
-    and a tokenizer whose special ids and vocabulary the model knows."""
+def _model_from_pretrained(cfg: ExperimentConfig, tokenizer) -> VLModel:
+    """``train.init_from`` (a model folder or a ``checkpoints/step_N`` folder): the pretrained weights
+    and architecture, the run's own non-architecture keys, and a tokenizer the model knows."""
+    from vlpretrain.export.source import load_source
+
+    pretrained = load_source(cfg.train.init_from).model
     own = {k: getattr(cfg.model, k) for k in ("attn_backend", "patch_dropout")}
-    cfg.model = VLConfig.from_pretrained(cfg.train.init_from).to_model_config()
+    cfg.model = pretrained.config.to_model_config()
     for k, v in own.items():
         setattr(cfg.model, k, v)
     if len(tokenizer) > cfg.model.vocab_size:
@@ -82,6 +85,9 @@ def _model_from_pretrained(cfg: ExperimentConfig, tokenizer) -> None:
         if ours is not None and ours != theirs:
             raise ConfigError(f"data.tokenizer's {name} is {ours} but train.init_from's model uses {theirs}; "
                               f"use the tokenizer saved with that model.")
+    model = VLModel(VLConfig.from_model_config(cfg.model))
+    model.load_state_dict(pretrained.state_dict())
+    return model
 
 
 def _micro_batch_size(cfg: ExperimentConfig, world: int) -> int:
@@ -163,19 +169,18 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
         ensure_synthetic(cfg.data, cfg.model.image_size, cfg.run.seed)
     accelerator.wait_for_everyone()
     tokenizer = load_tokenizer(cfg.data.tokenizer)
+    set_seed(cfg.run.seed)
     if t.init_from:
-        _model_from_pretrained(cfg, tokenizer)
+        model = _model_from_pretrained(cfg, tokenizer)
     else:
         _tokenizer_into_model_config(cfg, tokenizer)
+        model = VLModel(VLConfig.from_model_config(cfg.model))
     if resume is not None:
         check_compatible(resume, cfg.model)
     stream = ShardStream(cfg.data, "train", batch_size=micro, image_size=cfg.model.image_size,
                          context_length=cfg.model.max_text_len, tokenizer=tokenizer, rank=rank,
                          world_size=world, seed=cfg.run.seed)
 
-    set_seed(cfg.run.seed)
-    config = VLConfig.from_model_config(cfg.model)
-    model = VLModel.from_pretrained(t.init_from, config=config) if t.init_from else VLModel(config)
     model.set_grad_checkpointing(t.grad_checkpointing)
     objectives = build_objective_set(model, cfg.objectives)
     optimizer = build_optimizer(objectives, cfg.optim, accelerator.device)
