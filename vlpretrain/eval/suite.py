@@ -3,7 +3,8 @@
 Tasks: ``retrieval`` (multi-caption R@1/5/10 both ways), ``zeroshot`` (top-1/top-5 from class names
 and prompt templates), ``captioning`` (greedy and, with ``--beams N``, beam-search captions; BLEU-4 and
 CIDEr against all references), ``linear_probe`` (logistic regression on frozen image features, half
-the samples to fit, half to test).
+the samples to fit, half to test), ``reconstruction`` (MSE/PSNR of the masked_image decoder on hidden
+patches; needs a checkpoint trained with that objective).
 ``--images FOLDER --prompts FILE`` adds the CLIPScore-style alignment score; with ``--out FILE.json`` a
 PNG sheet of sample images, captions and top retrieved texts is written next to it as ``FILE.png``.
 """
@@ -22,7 +23,7 @@ from vlpretrain.eval.metrics import caption_scores, multi_caption_recall, topk_a
 from vlpretrain.eval.samples import EvalSample, load_class_names, read_samples
 from vlpretrain.finetune import DEFAULT_TEMPLATES, class_text_embeddings
 
-TASKS = ("retrieval", "zeroshot", "captioning", "linear_probe")
+TASKS = ("retrieval", "zeroshot", "captioning", "linear_probe", "reconstruction")
 
 
 @torch.no_grad()
@@ -127,6 +128,10 @@ def evaluate_model(model_dir: str, data: str, tasks: tuple[str, ...] = ("retriev
                                       templates)
         elif task == "captioning":
             results[task] = _captioning(model, processor, samples, max_new_tokens, beams)
+        elif task == "reconstruction":
+            from vlpretrain.eval.reconstruction import reconstruction_figures
+
+            results[task] = reconstruction_figures(model_dir, loaded, samples)
         else:
             results[task] = _linear_probe(samples, features)
     return results

@@ -97,6 +97,16 @@ class MaskedImage(Objective):
         return {"decoder.mask_token"}
 
     def forward(self, model: nn.Module, batch: dict, shared: SharedFeatures) -> ObjectiveOutput:
+        pred, patches, mask = self.predict(model, batch)
+        target = norm_pix_target(patches) if self.cfg.norm_pix else patches
+        loss = mae_loss(pred, target, mask)
+        with torch.no_grad():  # reconstruction error in (normalised) pixel units
+            pixel_mse = mae_loss(self.to_pixels(pred, patches), patches, mask)
+        return ObjectiveOutput(loss, {"pixel_mse": pixel_mse})
+
+    def predict(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Mask, encode the visible patches, decode: (prediction (B, P, p*p*C), true patches (B, P, p*p*C),
+        mask (B, P) with 1 at hidden patches)."""
         pixels = batch["pixel_values"]  # (B, C, H, W)
         num_patches = model.backbone.num_patches
         keep_idx, mask, ids_restore = random_masking(pixels.shape[0], num_patches, self.cfg.mask_ratio,
@@ -107,12 +117,11 @@ class MaskedImage(Objective):
         else:
             out = model.backbone(pixel_values=pixels, layout="image", keep_idx=keep_idx)
         pred = self.decoder(out.image, ids_restore)  # (B, P, p*p*C)
-        patches = patchify(pixels, self.patch).float()  # (B, P, p*p*C)
-        target = norm_pix_target(patches) if self.cfg.norm_pix else patches
-        loss = mae_loss(pred, target, mask)
-        with torch.no_grad():  # reconstruction error in pixel units: undo the per-patch standardisation
-            recon = pred.float()
-            if self.cfg.norm_pix:
-                recon = recon * (patches.var(-1, keepdim=True) + 1e-6) ** 0.5 + patches.mean(-1, keepdim=True)
-            pixel_mse = mae_loss(recon, patches, mask)
-        return ObjectiveOutput(loss, {"pixel_mse": pixel_mse})
+        return pred, patchify(pixels, self.patch).float(), mask
+
+    def to_pixels(self, pred: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+        """Predictions in the input's pixel units: undo the per-patch standardisation of norm_pix."""
+        pred = pred.float()
+        if not self.cfg.norm_pix:
+            return pred
+        return pred * (patches.var(-1, keepdim=True) + 1e-6) ** 0.5 + patches.mean(-1, keepdim=True)
