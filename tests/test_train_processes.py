@@ -8,6 +8,7 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,7 +21,8 @@ from vlpretrain.config import load_config, to_yaml
 from vlpretrain.train.checkpoint import complete_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+       "HF_HOME": tempfile.mkdtemp(prefix="hf-home-")}  # no user accelerate config: `vlpretrain train` runs in-process
 
 
 def write_config(path: Path, overrides: list[str]) -> Path:
@@ -28,8 +30,8 @@ def write_config(path: Path, overrides: list[str]) -> Path:
     return path
 
 
-def start(config: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "vlpretrain.train", "--config", str(config), *args],
+def start(config: Path, *args: str, command: tuple[str, ...] = ("vlpretrain.train",)) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", *command, "--config", str(config), *args],
                             env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -87,7 +89,7 @@ def test_sigterm_saves_and_exits_0_and_resume_ignores_half_written_checkpoints(s
     run_dir = tmp_path / "run"
     cfg = write_config(tmp_path / "c.yaml", train_overrides(
         synth_root, run_dir, "train.steps=500", "train.ckpt_every=0", "data.num_workers=2", "train.export=false"))
-    proc = start(cfg)
+    proc = start(cfg, command=("vlpretrain", "train"))  # the user's command: the signal reaches the loop
     wait_for_step(proc, run_dir, 3)
     proc.send_signal(signal.SIGTERM)
     out = finish(proc, timeout=60)

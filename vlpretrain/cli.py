@@ -17,12 +17,22 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    """Re-launch under ``accelerate launch`` so any accelerate config (CPU, DDP, FSDP) applies."""
+    """``accelerate launch -m vlpretrain.train ...`` when an accelerate config applies (given, or the
+    user's default one); otherwise the same single process runs right here, so SIGTERM/SIGINT reach
+    the training loop directly (accelerate's single-process launcher does not forward them)."""
+    import os
     import subprocess
 
+    from accelerate.commands.config import default_config_file
+
+    config = args.accelerate_config or (default_config_file if os.path.isfile(default_config_file) else None)
+    if config is None or "LOCAL_RANK" in os.environ:  # nothing to launch, or already launched
+        from vlpretrain.train.__main__ import main as train_main
+
+        return train_main(args.train_args)
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
-    if args.accelerate_config:
-        cmd += ["--config_file", args.accelerate_config]
+    if config:
+        cmd += ["--config_file", config]
     cmd += ["-m", "vlpretrain.train", *args.train_args]
     return subprocess.call(cmd)
 
