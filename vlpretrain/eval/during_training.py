@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from vlpretrain.eval.retrieval import retrieval_recall
+from vlpretrain.eval.metrics import multi_caption_recall
 from vlpretrain.objectives.functional import next_token_loss
 
 
@@ -43,7 +43,7 @@ def evaluate(model, batches, tokenizer, max_samples: int, num_captions: int, max
     if not images:
         raise RuntimeError("the validation stream gave no batch; check data.val.")
     img, txt = torch.cat(images)[:max_samples or None], torch.cat(texts)[:max_samples or None]
-    out: dict[str, Any] = {"samples": len(img), **retrieval_recall(img, txt),
+    out: dict[str, Any] = {"samples": len(img), **multi_caption_recall(img, txt, torch.arange(len(img)), ks=(1, 5)),
                            "caption_loss": loss_sum / max(counted, 1), "caption_token_acc": correct / max(counted, 1)}
     if num_captions:
         generated = model.generate(first_pixels, max_new_tokens=max_new_tokens)
