@@ -82,6 +82,6 @@ def test_matching_learns_to_tell_pairs_from_hard_negatives():
     before, after = _train([{"name": "matching"}], steps=200, lr=1e-3)
     # 1 positive : 2 negatives, so always answering "no match" scores 0.667 (reached in ~50 steps,
     # then a plateau of ~100 steps before image and caption are really compared)
-    assert before["matching/pair_acc"] < 0.6
+    assert before["matching/pair_acc"] < 0.7  # an untrained model ranks pairs about at chance (0.5)
     assert after["matching"] < 0.8 * before["matching"]
-    assert after["matching/itm_acc"] > 0.72 and after["matching/pair_acc"] > 0.7
+    assert after["matching/itm_acc"] > 0.72 and after["matching/pair_acc"] > before["matching/pair_acc"] + 0.2

@@ -63,7 +63,8 @@ def test_objective_set_one_pass_losses_and_gradients_equal_separate_forwards():
     assert abs(float(out.losses["contrastive"] - contrastive)) < 1e-5
     assert abs(float(out.losses["captioning"] - captioning)) < 1e-5
     worst, where = max_grad_diff(one_pass, separate)
-    assert worst < 1e-5, where
+    largest = max(float(g.abs().max()) for g in separate.values())  # fp32 summation noise grows with it
+    assert worst < 1e-5 * max(1.0, largest), (where, worst, largest)
 
 
 @pytest.mark.parametrize("depth,needs,forwards", [

@@ -5,6 +5,8 @@
    backward time, interleaved A B A B).
 3. A short bf16 training run of the ``base`` preset (contrastive + captioning in one pass) on
    synthetic tensors: samples/s, TFLOP/s and MFU.
+4. OpenCLIP's ViT-B-16 against our ``base`` preset, contrastive only, bf16, same batch of synthetic
+   tensors, interleaved: samples/s and the ratio (ours / OpenCLIP).
 
 Writes one JSON object of figures to the path given (and prints it).
 """
@@ -134,6 +136,59 @@ def train_base(device, steps=30, batch=128) -> dict:
             "max_mem_gb": torch.cuda.max_memory_allocated() / 2**30}
 
 
+def _step_timer(module, batch_fn, loss_fn, device):
+    """A closure that runs one fused-AdamW bf16 training step of ``module`` and returns its seconds."""
+    opt = torch.optim.AdamW(module.parameters(), lr=1e-4, fused=True)
+
+    def step() -> float:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = loss_fn(batch_fn)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    return step
+
+
+def openclip_ratio(device, batch=128, rounds=4, steps=5) -> dict:
+    """Our ``base`` preset (contrastive) vs OpenCLIP ViT-B-16 (CLIP loss), interleaved A B A B."""
+    import open_clip
+
+    torch.manual_seed(0)
+    ours = build_objective_set(VLModel(VLConfig(**preset_values("base"))), [{"name": "contrastive"}]).to(device)
+    theirs = open_clip.create_model("ViT-B-16").to(device)
+    clip_loss = open_clip.ClipLoss()
+    px = torch.randn(batch, 3, 224, 224, device=device)
+    ids, mask = text(batch, 64, 49408, device)
+    eot = mask.sum(1) - 1
+    oc_ids = torch.zeros(batch, 77, dtype=torch.long, device=device)
+    oc_ids[:, :64] = ids
+    oc_ids[torch.arange(batch, device=device), eot] = 49407  # OpenCLIP pools at the largest id (EOT)
+    ids = ids.clamp(max=ours.model.config.vocab_size - 1)
+
+    def their_loss(_):
+        img, txt, scale = theirs(px, oc_ids)[:3]
+        return clip_loss(img, txt, scale)
+
+    steppers = {"vlpretrain": _step_timer(ours, None, lambda _: ours({"pixel_values": px, "input_ids": ids,
+                                                                     "attention_mask": mask}).loss, device),
+                "openclip": _step_timer(theirs, None, their_loss, device)}
+    for step in steppers.values():  # warm-up
+        step(), step()
+    times = {k: [] for k in steppers}
+    for _ in range(rounds):
+        for name, step in steppers.items():
+            times[name] += [step() for _ in range(steps)]
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    return {"batch": batch, "samples_per_s": {k: batch / v for k, v in med.items()},
+            "ratio_vs_openclip": med["openclip"] / med["vlpretrain"],
+            "note": "ours: shared 768-wide backbone, text 64 tokens; OpenCLIP: ViT-B/16 + 512-wide text tower, 77 tokens"}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
@@ -142,7 +197,7 @@ def main() -> int:
     figures = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
                "flash_attn": flash_attn_available()}
     for name, fn in (("equivalence", backend_equivalence), ("prefix_lm_timing", time_prefix_lm),
-                     ("train_base_bf16", train_base)):
+                     ("train_base_bf16", train_base), ("openclip_vit_b16", openclip_ratio)):
         try:
             figures[name] = fn(device)
         except Exception as exc:  # keep the other figures

@@ -28,7 +28,9 @@ multi-rank trainer should count steps, or use ``resampled`` mode, rather than re
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 import random
 from collections import deque
 from collections.abc import Iterator
@@ -161,6 +163,12 @@ class ShardDataset(IterableDataset):
         yield {"_worker": worker, "_end": True, "_cursor": cursor, "_skipped": skips.take()}
 
 
+def _lower_priority(nice: int, worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: add ``nice`` to this worker's niceness (data.worker_nice)."""
+    if nice:
+        os.nice(nice)
+
+
 class ShardStream:
     """Batches for one rank, one epoch per ``iter()``; ``state_dict``/``load_state_dict`` resume exactly.
 
@@ -200,7 +208,7 @@ class ShardStream:
             weights=cfg.train_weights if self.resampled else None, shuffle=self.train,
             buffer_size=cfg.shuffle_buffer, seed=seed, rank=rank, world_size=world_size,
             num_workers=max(self.num_workers, 1))
-        self.timeout = cfg.timeout
+        self.timeout, self.worker_nice = cfg.timeout, cfg.worker_nice
         self.skipped_by_shard: dict[str, dict[str, int]] = {}
         self._delivered = {w: 0 for w in range(self.dataset.num_workers)}
         self._identity = {"seed": seed, "rank": rank, "world_size": world_size, "num_workers": self.num_workers,
@@ -238,6 +246,7 @@ class ShardStream:
         # the caller's global RNG (a resumed run would otherwise draw differently from an unbroken one)
         loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
                             timeout=self.timeout, persistent_workers=False, prefetch_factor=2,
+                            worker_init_fn=functools.partial(_lower_priority, self.worker_nice),
                             generator=torch.Generator().manual_seed(self.dataset.epoch))
         return iter(loader)
 

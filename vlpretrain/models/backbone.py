@@ -34,6 +34,11 @@ class Block(nn.Module):
             self.text_norm1 = nn.LayerNorm(D, eps=cfg.norm_eps)
             self.text_norm2 = nn.LayerNorm(D, eps=cfg.norm_eps)
             self.text_mlp = Mlp(D, hidden, act_layer=nn.GELU)
+        # CLIP's initialisation std of each weight (VLModel._init_weights applies it)
+        residual_std = D ** -0.5 * (2 * cfg.depth) ** -0.5
+        self.attn.qkv.init_std, self.attn.proj.init_std = D ** -0.5, residual_std
+        for mlp in (self.mlp, self.text_mlp) if self.experts else (self.mlp,):
+            mlp.fc1.init_std, mlp.fc2.init_std = (2 * D) ** -0.5, residual_std
 
     def _per_modality(self, x, n_image, image_fn, text_fn):
         if not self.experts:

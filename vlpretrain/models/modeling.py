@@ -76,12 +76,23 @@ class VLModel(PreTrainedModel):
         self.image_proj = nn.Linear(cfg.width, cfg.embed_dim, bias=False)
         self.text_proj = nn.Linear(cfg.width, cfg.embed_dim, bias=False)
         self.lm_head = nn.Linear(cfg.width, cfg.vocab_size, bias=False)
+        self.image_proj.init_std = self.text_proj.init_std = cfg.width ** -0.5  # see _init_weights
         self.post_init()
 
     # -- HF plumbing --------------------------------------------------------------------------
     def _init_weights(self, module):
+        """CLIP's width- and depth-aware initialisation (OpenAI CLIP, OpenCLIP): attention inputs and
+        projections std width^-1/2, the two residual outputs of a block width^-1/2 (2 depth)^-1/2, the
+        MLP input (2 width)^-1/2. timm's flat std=0.02 left a small model's image (and caption)
+        embeddings nearly identical at the start: a 150-step contrastive run at width 192 stayed at
+        chance, where this one learns (tools/compare_openclip.py)."""
+        width_std = self.config.width ** -0.5
         if isinstance(module, (nn.Linear, nn.Conv2d)):
-            init.trunc_normal_(module.weight, std=0.02)
+            std = getattr(module, "init_std", None)  # set by Block and __init__ (HF inits each tensor once)
+            if std is None:
+                init.trunc_normal_(module.weight, std=0.02)
+            else:
+                init.normal_(module.weight, std=std)
             if module.bias is not None:
                 init.zeros_(module.bias)
         elif isinstance(module, nn.LayerNorm):
@@ -90,8 +101,8 @@ class VLModel(PreTrainedModel):
         elif isinstance(module, nn.Embedding):
             init.normal_(module.weight, std=0.02)
         elif isinstance(module, VLBackbone):
-            init.normal_(module.cls_token, std=1e-6)
-            init.trunc_normal_(module.pos_embed, std=0.02)
+            init.normal_(module.cls_token, std=width_std)
+            init.normal_(module.pos_embed, std=width_std)
             init.trunc_normal_(module.text_pos_embed, std=0.01)
             init.zeros_(module.modality_embed)
 

@@ -148,6 +148,16 @@ def _next_batch(stream: ShardStream, it, state: _State, size: int):
         state.dropped_tail += len(batch["pixel_values"])
 
 
+def _tokens(batches: list[dict], image_tokens: int) -> float:
+    """Input tokens of a step's micro-batches: ``image_tokens`` per image plus the real caption tokens."""
+    n = 0.0
+    for b in batches:
+        n += len(b["pixel_values"]) * image_tokens
+        if b.get("attention_mask") is not None:
+            n += float(b["attention_mask"].sum())
+    return n
+
+
 def _to_device(batch: dict, device) -> dict:
     keys = ("pixel_values", "input_ids", "attention_mask")
     return {k: batch[k].to(device, non_blocking=True) for k in keys if batch.get(k) is not None}
@@ -213,7 +223,9 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
     start, samples_at_start = time.perf_counter(), state.samples_seen
     progress = _progress(accelerator, state.step, t.steps)
     it = iter(stream)
-    window = {"time": 0.0, "wait": 0.0, "samples": 0, "flops": 0.0}
+    new_window = {"time": 0.0, "wait": 0.0, "samples": 0, "tokens": 0.0, "steps": 0, "flops": 0.0}
+    window = dict(new_window)
+    image_tokens = 1 + model.backbone.num_patches  # per image: cls + patches (before any patch dropout)
     stopped_by, final = None, resume  # a run resumed at its last step has nothing new to save
     with _StopSignal() as stop:
         while state.step < t.steps:
@@ -251,14 +263,16 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
             state.step += 1
             # one reduce per step: samples of all ranks, and whether any rank got SIGTERM/SIGINT (all stop together)
             counts = accelerator.reduce(torch.tensor([float(sum(len(b["pixel_values"]) for b in batches)),
-                                                      float(stop.received is not None)], device=accelerator.device),
-                                        "sum")
+                                                      float(stop.received is not None), _tokens(batches, image_tokens)],
+                                                     device=accelerator.device), "sum")
             n_samples, stop_now = int(counts[0]), bool(counts[1] > 0)
             state.samples_seen += n_samples
             step_time = time.perf_counter() - step_start
             window["time"] += step_time
             window["wait"] += wait
             window["samples"] += n_samples
+            window["tokens"] += float(counts[2])
+            window["steps"] += 1
             window["flops"] += counter.take_step_flops()
             if state.nonfinite_run >= t.max_nonfinite:
                 path = checkpoint()
@@ -269,6 +283,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
                 record = {"samples_seen": state.samples_seen, "epoch": state.epoch, "loss": loss.item(),
                           "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                           "samples_per_s": window["samples"] / window["time"],
+                          "tokens_per_s": window["tokens"] / window["time"], "step_time_s": window["time"] / window["steps"],
                           "data_wait_frac": window["wait"] / window["time"], "nonfinite_steps": state.nonfinite_total,
                           **{f"loss/{k}": float(accelerator.reduce(v.float().reshape(1), "mean"))
                              for k, v in out.losses.items()},
@@ -280,7 +295,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
                     record["tflops_per_s"] = window["flops"] / window["time"] / 1e12
                 log.log(state.step, record)
                 progress.set_postfix(loss=f"{loss.item():.3f}", samples_s=f"{record['samples_per_s']:.1f}")
-                window = {"time": 0.0, "wait": 0.0, "samples": 0, "flops": 0.0}
+                window = dict(new_window)
             progress.update(1)
             if cfg.eval.every and state.step % cfg.eval.every == 0 and state.step < t.steps:
                 state.eval = _evaluate(cfg, accelerator, module, processor, log, state.step)
@@ -366,8 +381,9 @@ def _evaluate(cfg: ExperimentConfig, accelerator, module, processor, log: Metric
         stream = ShardStream(cfg.data, "val", batch_size=64, image_size=cfg.model.image_size,
                              context_length=cfg.model.max_text_len, tokenizer=processor.tokenizer, seed=cfg.run.seed)
         with accelerator.autocast():
+            captioning = any(entry["name"] == "captioning" for entry in cfg.objectives)
             results = evaluate(model, iter(stream), processor.tokenizer, cfg.eval.max_samples, cfg.eval.num_captions,
-                               cfg.eval.max_new_tokens, accelerator.device)
+                               cfg.eval.max_new_tokens, accelerator.device, captioning=captioning)
         figures = {f"eval/{k}": v for k, v in results.items() if isinstance(v, (int, float))}
         log.log(step, {**figures, "eval/captions": results.get("captions", [])})
         for cap in results.get("captions", []):

@@ -1,0 +1,97 @@
+"""Training throughput of vlpretrain's real trainer: one JSON line of figures.
+
+    python tools/bench.py --config FILE [--warmup 10] [--eval] [key=value ...]
+
+Runs ``vlpretrain.train.loop.train`` in this process on the config (``train.steps`` steps, logged
+every step; no checkpoints but the final one, no export, no evaluation unless ``--eval``) and
+reports, over the steps after the first ``--warmup``:
+
+- ``samples_per_s``, ``tokens_per_s`` (image tokens + real caption tokens), ``step_p50_s``/``step_p90_s``
+  (wall time of a step, data wait included), ``data_wait_frac``;
+- ``tflops_per_s`` and ``mfu`` (model FLOPs counted from the shapes that ran; the peak is the GPU's
+  table value or this CPU's measured matmul rate, see ``vlpretrain.train.flops``);
+- ``peak_rss_mb`` (this process's high-water mark), ``peak_rss_workers_mb`` (the largest data
+  worker's), ``peak_gpu_mb`` on a GPU;
+- ``eval`` (``--eval``): the final validation figures on ``data.val``.
+
+Not a test: it asserts nothing. For ratios against another trainer, see ``tools/compare_openclip.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _percentile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
+
+
+def summarise(records: list[dict], warmup: int) -> dict:
+    """Figures over the per-step training records after the first ``warmup`` steps."""
+    steps = [r for r in records if "step_time_s" in r and not any(k.startswith("eval/") for k in r)]
+    timed = steps[warmup:]
+    if not timed:
+        raise SystemExit(f"only {len(steps)} step(s) ran; raise train.steps above --warmup={warmup}.")
+    total = sum(r["step_time_s"] for r in timed)
+    out = {
+        "steps_timed": len(timed),
+        "samples_per_s": sum(r["samples_per_s"] * r["step_time_s"] for r in timed) / total,
+        "tokens_per_s": sum(r["tokens_per_s"] * r["step_time_s"] for r in timed) / total,
+        "step_p50_s": _percentile([r["step_time_s"] for r in timed], 50),
+        "step_p90_s": _percentile([r["step_time_s"] for r in timed], 90),
+        "data_wait_frac": sum(r["data_wait_frac"] * r["step_time_s"] for r in timed) / total,
+        "final_loss": steps[-1]["loss"],
+    }
+    if all("tflops_per_s" in r for r in timed):
+        out["tflops_per_s"] = sum(r["tflops_per_s"] * r["step_time_s"] for r in timed) / total
+        out["mfu"] = sum(r["mfu"] * r["step_time_s"] for r in timed) / total
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="experiment YAML")
+    parser.add_argument("--warmup", type=int, default=10, help="first steps left out of the figures (default 10)")
+    parser.add_argument("--eval", action="store_true", help="evaluate on data.val after the last step")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from vlpretrain.config import load_config
+    from vlpretrain.train.loop import train
+    from vlpretrain.train.metrics import read_metrics
+
+    with tempfile.TemporaryDirectory(prefix="vlpretrain-bench-") as tmp:
+        fixed = [f"run.dir={tmp}/run", "train.log_every=1", "train.ckpt_every=0", "train.export=false",
+                 "train.resume=null", "train.trackers=[]", "eval.every=0"]
+        if not args.eval:
+            fixed.append("data.val=null")
+        cfg = load_config(args.config, [*args.overrides, *fixed])
+        summary = train(cfg)
+        figures = summarise(read_metrics(cfg.run.dir), args.warmup)
+    figures.update(
+        config=args.config, overrides=args.overrides, precision=cfg.train.precision, batch_size=cfg.train.batch_size,
+        world_size=summary["world_size"], device="cuda" if torch.cuda.is_available() else "cpu",
+        torch_threads=torch.get_num_threads(),
+        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        peak_rss_workers_mb=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+        skipped_samples=summary["skipped_samples"])
+    if torch.cuda.is_available():
+        figures["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    if args.eval:
+        figures["eval"] = {k: v for k, v in summary["eval"].items() if isinstance(v, (int, float))}
+    print(json.dumps(figures))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
