@@ -107,3 +107,18 @@ def test_chain_export_then_finetune_from_it_then_eval(trained_run, synth_root, t
                  "--out", str(out)]) == 0
     figures = json.loads(out.read_text())
     assert figures["samples"] == 12 and "i2t_r@1" in figures["retrieval"] and "top1" in figures["zeroshot"]
+
+
+def test_in_training_eval_reports_caption_figures_only_for_models_trained_to_caption():
+    from tests.helpers import make_model, make_text
+    from vlpretrain.eval.during_training import evaluate
+
+    model = make_model()
+    ids, mask = make_text(8, 6, lengths=[6, 5, 4, 6, 3, 6, 5, 4])
+    batch = {"pixel_values": torch.randn(8, 3, 32, 32), "input_ids": ids, "attention_mask": mask}
+    plain = evaluate(model, [batch], None, 0, 0, 4, "cpu", captioning=False)
+    assert plain["samples"] == 8 and 0 <= plain["i2t_r@1"] <= 1
+    assert not {"caption_loss", "caption_token_acc", "captions"} & set(plain)
+    full = evaluate(model, [batch], None, 0, 0, 4, "cpu", captioning=True)
+    assert full["caption_loss"] > 0 and 0 <= full["caption_token_acc"] <= 1
+    assert full["i2t_r@1"] == plain["i2t_r@1"]

@@ -29,6 +29,9 @@ def test_run_writes_metrics_checkpoints_plots_summary_and_export(synth_root, tmp
         assert key in steps[-1], key
     assert steps[-1]["samples_seen"] == 6 * 16
     assert 0 <= steps[-1]["data_wait_frac"] <= 1 and steps[-1]["mfu"] > 0
+    for r in steps:  # logged every step: the window is one step of 16 samples
+        assert abs(r["step_time_s"] * r["samples_per_s"] - 16) < 1e-6
+        assert r["tokens_per_s"] > 16 * r["samples_per_s"]  # every image alone brings 1 + 16 patch tokens
     evals = [r for r in records if "eval/i2t_r@1" in r]
     assert len(evals) == 1 and len(evals[0]["eval/captions"]) == 2
     assert [s for s, _ in complete_checkpoints(run_dir)] == [4, 6]  # keep_last=2
@@ -187,3 +190,19 @@ def test_init_from_a_checkpoint_folder_starts_from_its_weights(synth_root, tmp_p
     assert model_keys and all((after[k] - before[k]).abs().max() < 1e-12 for k in model_keys)
     saved = load_config(second / "config.yaml")
     assert saved.model.patch_dropout == 0.25 and saved.model.width == 64  # own training keys, pretrained shape
+
+
+def test_low_precision_on_a_cpu_without_matrix_units_warns_before_training(monkeypatch):
+    import warnings
+
+    import vlpretrain.train.loop as loop
+
+    monkeypatch.setattr(loop, "cpu_has_native", lambda precision: False)
+    with pytest.warns(UserWarning, match="train.precision=bf16 on a CPU without bf16"):
+        loop.warn_if_slow_cpu_precision(torch.device("cpu"), "bf16")
+    monkeypatch.setattr(loop, "cpu_has_native", lambda precision: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loop.warn_if_slow_cpu_precision(torch.device("cpu"), "bf16")
+    monkeypatch.undo()
+    assert loop.cpu_has_native("no")  # fp32 never warns

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import signal
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -148,6 +149,22 @@ def _next_batch(stream: ShardStream, it, state: _State, size: int):
         state.dropped_tail += len(batch["pixel_values"])
 
 
+def cpu_has_native(precision: str) -> bool:
+    """Whether this CPU has bf16/fp16 matmul units that PyTorch uses (oneDNN: AVX-512 BF16/FP16, AMX)."""
+    check = {"bf16": torch.ops.mkldnn._is_mkldnn_bf16_supported, "fp16": torch.ops.mkldnn._is_mkldnn_fp16_supported}
+    return precision not in check or bool(check[precision]())
+
+
+def warn_if_slow_cpu_precision(device: torch.device, precision: str) -> None:
+    """bf16/fp16 autocast on a CPU without such units runs PyTorch's reference GEMM (~1 GFLOP/s on a
+    2-core AVX2 machine, 50-100x slower than fp32): say so before the first step rather than leave it
+    to be discovered."""
+    if device.type == "cpu" and not cpu_has_native(precision):
+        warnings.warn(f"train.precision={precision} on a CPU without {precision} matrix units: PyTorch falls back "
+                      f"to its reference {precision} GEMM, far slower than fp32 here; use train.precision=no "
+                      f"on this machine.", stacklevel=2)
+
+
 def _tokens(batches: list[dict], image_tokens: int) -> float:
     """Input tokens of a step's micro-batches: ``image_tokens`` per image plus the real caption tokens."""
     n = 0.0
@@ -172,6 +189,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
         step_scheduler_with_optimizer=False,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     world, rank = accelerator.num_processes, accelerator.process_index
+    warn_if_slow_cpu_precision(accelerator.device, t.precision)
     micro = _micro_batch_size(cfg, world)
     resume = resolve_resume(t.resume, run_dir)
     _check_fresh_run_dir(run_dir, resume)
