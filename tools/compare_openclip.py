@@ -127,8 +127,7 @@ def our_config(work: Path, row: str, paths: dict[str, Path], args) -> Path:
     cfg = {
         "model": {"image_size": s["image_size"], "patch_size": s["patch_size"], "width": s["width"],
                   "depth": s["depth"], "num_heads": s["heads"], "embed_dim": s["embed"], "max_text_len": s["context"],
-                  "text_embed_depth": s["depth"] // 2 if coca else 0,
-                  "pre_norm": True},  # OpenCLIP's ViT normalises the embedded patches too (ln_pre)
+                  "text_embed_depth": s["depth"] // 2 if coca else 0},
         "data": {"train": str(paths["data"] / "train"), "val": str(paths["data"] / "val"),
                  "tokenizer": str(paths["sp_tok"] if row == "fp32-sp" else paths["clip_tok"]),
                  "num_workers": args.workers},
