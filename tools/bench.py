@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def _percentile(values: list[float], q: float) -> float:
+def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
 
@@ -45,8 +45,8 @@ def summarise(records: list[dict], warmup: int) -> dict:
         "steps_timed": len(timed),
         "samples_per_s": sum(r["samples_per_s"] * r["step_time_s"] for r in timed) / total,
         "tokens_per_s": sum(r["tokens_per_s"] * r["step_time_s"] for r in timed) / total,
-        "step_p50_s": _percentile([r["step_time_s"] for r in timed], 50),
-        "step_p90_s": _percentile([r["step_time_s"] for r in timed], 90),
+        "step_p50_s": percentile([r["step_time_s"] for r in timed], 50),
+        "step_p90_s": percentile([r["step_time_s"] for r in timed], 90),
         "data_wait_frac": sum(r["data_wait_frac"] * r["step_time_s"] for r in timed) / total,
         "final_loss": steps[-1]["loss"],
     }

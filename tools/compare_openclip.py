@@ -34,6 +34,7 @@ import io
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -43,6 +44,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # vlpretrain's recall function scores both sides
+
+from tools.bench import percentile  # noqa: E402
 SHAPE = {"image_size": 64, "patch_size": 8, "width": 192, "depth": 6, "heads": 3, "context": 32, "embed": 192}
 CLIP_VOCAB = 49408
 
@@ -246,8 +249,6 @@ def run_theirs(work: Path, row: str, python: Path, paths: dict[str, Path], args,
         cmd += ["--val-data", "::".join(map(str, val_shards)), "--val-num-samples", str(args.val)]
     if row == "coca":
         cmd += ["--coca-caption-loss-weight", "1.0", "--coca-contrastive-loss-weight", "1.0"]
-    import shutil
-
     shutil.rmtree(logs / name, ignore_errors=True)
     _, memory, wall = _run(cmd, work / f"{name}.stderr", dict(os.environ))
     text = (logs / name / "out.log").read_text()
@@ -267,7 +268,7 @@ def run_theirs(work: Path, row: str, python: Path, paths: dict[str, Path], args,
         except Exception as exc:  # keep the timing figures of this run
             val["error"] = f"{type(exc).__name__}: {exc}"
     return {"side": "openclip", "row": row, "round": i, "samples_per_s": args.batch * len(times) / total,
-            "step_p50_s": _pct(times, 50), "step_p90_s": _pct(times, 90),
+            "step_p50_s": percentile(times, 50), "step_p90_s": percentile(times, 90),
             "data_wait_frac": sum(d for d, _, _ in timed) / total, "final_loss": parsed[-1][2],
             "val": val, "val_openclip_metric": own_metric, "wall_s": wall, **memory}
 
@@ -307,10 +308,6 @@ def openclip_val_recall(checkpoint: Path, model_dir: Path, val_shards: list[Path
 def _field(line: str, key: str) -> float | None:
     m = re.search(re.escape(key) + r": ([\d.]+)", line)
     return float(m.group(1)) if m else None
-
-
-def _pct(sorted_values: list[float], q: int) -> float:
-    return sorted_values[min(len(sorted_values) - 1, int(round(q / 100 * (len(sorted_values) - 1))))]
 
 
 # ---------------------------------------------------------------------------------------------- main

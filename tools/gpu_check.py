@@ -136,7 +136,7 @@ def train_base(device, steps=30, batch=128) -> dict:
             "max_mem_gb": torch.cuda.max_memory_allocated() / 2**30}
 
 
-def _step_timer(module, batch_fn, loss_fn, device):
+def _step_timer(module, loss_fn):
     """A closure that runs one fused-AdamW bf16 training step of ``module`` and returns its seconds."""
     opt = torch.optim.AdamW(module.parameters(), lr=1e-4, fused=True)
 
@@ -144,7 +144,7 @@ def _step_timer(module, batch_fn, loss_fn, device):
         torch.cuda.synchronize()
         start = time.perf_counter()
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = loss_fn(batch_fn)
+            loss = loss_fn()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -170,13 +170,12 @@ def openclip_ratio(device, batch=128, rounds=4, steps=5) -> dict:
     oc_ids[torch.arange(batch, device=device), eot] = 49407  # OpenCLIP pools at the largest id (EOT)
     ids = ids.clamp(max=ours.model.config.vocab_size - 1)
 
-    def their_loss(_):
+    def their_loss():
         img, txt, scale = theirs(px, oc_ids)[:3]
         return clip_loss(img, txt, scale)
 
-    steppers = {"vlpretrain": _step_timer(ours, None, lambda _: ours({"pixel_values": px, "input_ids": ids,
-                                                                     "attention_mask": mask}).loss, device),
-                "openclip": _step_timer(theirs, None, their_loss, device)}
+    batch = {"pixel_values": px, "input_ids": ids, "attention_mask": mask}
+    steppers = {"vlpretrain": _step_timer(ours, lambda: ours(batch).loss), "openclip": _step_timer(theirs, their_loss)}
     for step in steppers.values():  # warm-up
         step(), step()
     times = {k: [] for k in steppers}

@@ -165,14 +165,10 @@ def warn_if_slow_cpu_precision(device: torch.device, precision: str) -> None:
                       f"on this machine.", stacklevel=2)
 
 
-def _tokens(batches: list[dict], image_tokens: int) -> float:
-    """Input tokens of a step's micro-batches: ``image_tokens`` per image plus the real caption tokens."""
-    n = 0.0
-    for b in batches:
-        n += len(b["pixel_values"]) * image_tokens
-        if b.get("attention_mask") is not None:
-            n += float(b["attention_mask"].sum())
-    return n
+def _tokens(batch: dict, image_tokens: int) -> float:
+    """Input tokens of a (host) batch: ``image_tokens`` per image plus the real caption tokens."""
+    mask = batch.get("attention_mask")
+    return len(batch["pixel_values"]) * image_tokens + (float(mask.sum()) if mask is not None else 0.0)
 
 
 def _to_device(batch: dict, device) -> dict:
@@ -248,9 +244,10 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
     with _StopSignal() as stop:
         while state.step < t.steps:
             step_start = time.perf_counter()
-            batches = []
+            batches, tokens = [], 0.0
             for _ in range(t.accum_steps):
                 raw, it = _next_batch(stream, it, state, micro)
+                tokens += _tokens(raw, image_tokens)  # counted on the host batch: no device sync
                 batches.append(_to_device(raw, accelerator.device))
                 for reason, n in raw.get("skipped", {}).items():
                     window[f"skipped/{reason}"] = window.get(f"skipped/{reason}", 0) + n
@@ -281,7 +278,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
             state.step += 1
             # one reduce per step: samples of all ranks, and whether any rank got SIGTERM/SIGINT (all stop together)
             counts = accelerator.reduce(torch.tensor([float(sum(len(b["pixel_values"]) for b in batches)),
-                                                      float(stop.received is not None), _tokens(batches, image_tokens)],
+                                                      float(stop.received is not None), tokens],
                                                      device=accelerator.device), "sum")
             n_samples, stop_now = int(counts[0]), bool(counts[1] > 0)
             state.samples_seen += n_samples
@@ -398,8 +395,8 @@ def _evaluate(cfg: ExperimentConfig, accelerator, module, processor, log: Metric
     if model is not None:
         stream = ShardStream(cfg.data, "val", batch_size=64, image_size=cfg.model.image_size,
                              context_length=cfg.model.max_text_len, tokenizer=processor.tokenizer, seed=cfg.run.seed)
+        captioning = any(entry["name"] == "captioning" for entry in cfg.objectives)
         with accelerator.autocast():
-            captioning = any(entry["name"] == "captioning" for entry in cfg.objectives)
             results = evaluate(model, iter(stream), processor.tokenizer, cfg.eval.max_samples, cfg.eval.num_captions,
                                cfg.eval.max_new_tokens, accelerator.device, captioning=captioning)
         figures = {f"eval/{k}": v for k, v in results.items() if isinstance(v, (int, float))}
