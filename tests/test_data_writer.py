@@ -156,3 +156,18 @@ def _json_of(folder, key) -> str:
                 if member.name == f"{key}.json":
                     return tar.extractfile(member).read().decode()
     raise KeyError(key)
+
+
+@pytest.mark.parametrize("mtime", [None, 12.75])
+def test_members_carry_whole_second_timestamps_and_no_pax_headers(tmp_path, mtime):
+    import tarfile
+
+    with ShardWriter(tmp_path, samples_per_shard=10, mtime=mtime) as writer:
+        for i in range(3):
+            writer.write(f"s{i}", b"not decoded here", [f"caption {i}"])
+    with tarfile.open(next(tmp_path.glob("*.tar"))) as tar:
+        members = tar.getmembers()
+    assert len(members) == 9  # jpg, json, txt each; a PAX header (slow to read) would come with a fractional mtime
+    assert all(m.pax_headers == {} and isinstance(m.mtime, int) for m in members)
+    if mtime is not None:
+        assert {m.mtime for m in members} == {12}

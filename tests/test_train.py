@@ -190,19 +190,3 @@ def test_init_from_a_checkpoint_folder_starts_from_its_weights(synth_root, tmp_p
     assert model_keys and all((after[k] - before[k]).abs().max() < 1e-12 for k in model_keys)
     saved = load_config(second / "config.yaml")
     assert saved.model.patch_dropout == 0.25 and saved.model.width == 64  # own training keys, pretrained shape
-
-
-def test_low_precision_on_a_cpu_without_matrix_units_warns_before_training(monkeypatch):
-    import warnings
-
-    import vlpretrain.train.loop as loop
-
-    monkeypatch.setattr(loop, "cpu_has_native", lambda precision: False)
-    with pytest.warns(UserWarning, match="train.precision=bf16 on a CPU without bf16"):
-        loop.warn_if_slow_cpu_precision(torch.device("cpu"), "bf16")
-    monkeypatch.setattr(loop, "cpu_has_native", lambda precision: True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        loop.warn_if_slow_cpu_precision(torch.device("cpu"), "bf16")
-    monkeypatch.undo()
-    assert loop.cpu_has_native("no")  # fp32 never warns

@@ -17,7 +17,9 @@ depth 6, 3 heads; embedding 192; batch 64):
 - ``fp32``: CLIP loss, both with OpenCLIP's BPE tokenizer (49408 tokens; ours loads the very same
   vocabulary and merges as a HuggingFace tokenizer built from OpenCLIP's file), fp32.
 - ``fp32-sp``: the same with our own SentencePiece tokenizer trained on the captions.
-- ``bf16``: ``fp32`` under bf16 autocast (``--bf16-steps``: CPUs without native bf16 run it slowly).
+- ``bf16``: ``fp32`` under bf16 autocast. On a CPU without bf16 units ours emulates it (fp32
+  kernels, bf16 rounding) while OpenCLIP runs PyTorch's reference bf16 kernels, ~20x slower:
+  ``--bf16-steps`` keeps that row short there.
 - ``coca``: contrastive + captioning: our one-pass CoCa (3 unimodal text blocks, then 3 blocks in
   which captions read the image) against OpenCLIP's CoCa (3 text layers + a 3-layer multimodal
   decoder with cross-attention, attentional pooler), caption loss weight 1.

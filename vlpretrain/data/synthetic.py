@@ -109,7 +109,7 @@ def captions(scene: dict) -> list[str]:
 
 def write_split(out_dir: Path, split: str, num_samples: int, image_size: int, seed: int,
                 samples_per_shard: int) -> dict[str, int]:
-    with ShardWriter(out_dir / split, samples_per_shard, mtime=0.0) as writer:
+    with ShardWriter(out_dir / split, samples_per_shard, mtime=0) as writer:
         for i in range(num_samples):
             scene = random_scene(random.Random(f"synth/{seed}/{split}/{i}"))
             jpeg = encode_jpeg(render(scene, image_size), quality=90)

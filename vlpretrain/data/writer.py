@@ -13,6 +13,7 @@ import csv
 import io
 import json
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,6 +30,8 @@ class ShardWriter:
     """Samples -> ``OUT/{prefix}-NNNNNN.tar`` with ``samples_per_shard`` each, then ``sizes.json``.
 
     ``mtime`` fixes the members' timestamps (reproducible bytes); None stamps the current time.
+    Timestamps are whole seconds: a fractional one makes every member carry a PAX header, which
+    costs readers (Python's tarfile) a third of their time per member.
     """
 
     def __init__(self, out_dir: str | Path, samples_per_shard: int = 1000, prefix: str = "shard",
@@ -44,7 +47,8 @@ class ShardWriter:
         if existing:
             raise FileExistsError(f"'{self.out_dir}' already holds {len(existing)} shard(s) "
                                   f"(e.g. {existing[0].name}); write to an empty folder or delete them first.")
-        self.samples_per_shard, self.prefix, self.mtime = samples_per_shard, prefix, mtime
+        self.samples_per_shard, self.prefix = samples_per_shard, prefix
+        self.mtime = int(time.time() if mtime is None else mtime)
         self.sizes: dict[str, int] = {}
         self._tar = self._tmp = self._name = None
         self._count = 0

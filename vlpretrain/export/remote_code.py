@@ -21,6 +21,8 @@ from pathlib import Path
 REMOTE_MODULES: list[tuple[str, str, tuple[str, ...] | None]] = [
     ("vl_config.py", "vlpretrain.config", ("ConfigError", "raise_first_failure", "ModelConfig")),
     ("vl_attention.py", "vlpretrain.layers.attention", None),
+    ("vl_precision.py", "vlpretrain.layers.precision", None),
+    ("vl_mlp.py", "vlpretrain.layers.mlp", None),
     ("vl_functional.py", "vlpretrain.objectives.functional", None),
     ("vl_heads.py", "vlpretrain.models.heads", None),
     ("vl_backbone.py", "vlpretrain.models.backbone", None),

@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-from timm.layers import Mlp, PatchEmbed
 from torch.utils.checkpoint import checkpoint
 
 from vlpretrain.config import ModelConfig
 from vlpretrain.layers.attention import BACKENDS, Attention, AttentionLayout, KVCache, resolve_backend
+from vlpretrain.layers.mlp import Mlp
+from vlpretrain.layers.precision import checkpoint_contexts
 
 
 class Block(nn.Module):
@@ -28,12 +29,12 @@ class Block(nn.Module):
         self.norm1 = nn.LayerNorm(D, eps=cfg.norm_eps)
         self.attn = Attention(D, cfg.num_heads, cfg.qkv_bias)
         self.norm2 = nn.LayerNorm(D, eps=cfg.norm_eps)
-        self.mlp = Mlp(D, hidden, act_layer=nn.GELU)
+        self.mlp = Mlp(D, hidden)
         self.experts = cfg.modality_experts
         if self.experts:
             self.text_norm1 = nn.LayerNorm(D, eps=cfg.norm_eps)
             self.text_norm2 = nn.LayerNorm(D, eps=cfg.norm_eps)
-            self.text_mlp = Mlp(D, hidden, act_layer=nn.GELU)
+            self.text_mlp = Mlp(D, hidden)
         # CLIP's initialisation std of each weight (VLModel._init_weights applies it)
         residual_std = D ** -0.5 * (2 * cfg.depth) ** -0.5
         self.attn.qkv.init_std, self.attn.proj.init_std = D ** -0.5, residual_std
@@ -68,6 +69,19 @@ class BackboneOutput:
     layout: AttentionLayout
     layer_hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # k -> (B, L, D) after k blocks
     keep_idx: torch.Tensor | None = None  # (B, n_keep) patch indices that entered, if dropped
+
+
+class PatchEmbed(nn.Module):
+    """(B, C, H, W) -> (B, N, D) patch tokens by one strided convolution; timm's ``patch_embed.proj``
+    name and layout (written here rather than imported: timm's import costs the trainer ~40 MB)."""
+
+    def __init__(self, image_size: int, patch_size: int, in_chans: int, dim: int):
+        super().__init__()
+        self.num_patches = (image_size // patch_size) ** 2
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.proj(pixels).flatten(2).transpose(1, 2)
 
 
 class VLBackbone(nn.Module):
@@ -203,7 +217,8 @@ class VLBackbone(nn.Module):
             if i in output_layers:
                 hidden[i] = x
             if self.gradient_checkpointing and torch.is_grad_enabled() and cache is None:
-                x = checkpoint(block, x, n_img_here, spec, i, self.attn_backend, None, use_reentrant=False)
+                x = checkpoint(block, x, n_img_here, spec, i, self.attn_backend, None, use_reentrant=False,
+                               context_fn=checkpoint_contexts)
             else:
                 x = block(x, n_img_here, spec, i, self.attn_backend, cache)
         if depth in output_layers:

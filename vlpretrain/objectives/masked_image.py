@@ -14,8 +14,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from timm.layers import build_sincos2d_pos_embed
-from timm.models.vision_transformer import Block
 from torch import nn
 
 from vlpretrain.objectives import register_objective
@@ -56,6 +54,9 @@ class PixelDecoder(nn.Module):
     """Encoded visible tokens + mask tokens -> per-patch pixel predictions."""
 
     def __init__(self, in_width: int, width: int, depth: int, heads: int, grid: int, patch_dim: int):
+        from timm.layers import build_sincos2d_pos_embed  # imported when used: ~40 MB for every trainer otherwise
+        from timm.models.vision_transformer import Block
+
         super().__init__()
         self.embed = nn.Linear(in_width, width)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, width))

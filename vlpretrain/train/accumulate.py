@@ -58,6 +58,17 @@ def _set_rng_state(state: tuple) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
+def backward(loss: torch.Tensor, accelerator: Any = None) -> None:
+    """``loss.backward()`` (through ``accelerator`` when given) outside autocast, as PyTorch advises:
+    inside it, the backward matmuls of ops the forward ran in fp32 on purpose (the contrastive
+    logits) would be cast down to bf16/fp16."""
+    with torch.autocast(loss.device.type, enabled=False):
+        if accelerator is not None:
+            accelerator.backward(loss)
+        else:
+            loss.backward()
+
+
 def accumulate_backward(module: Any, micro_batches: Sequence[dict], accelerator: Any = None
                         ) -> ObjectiveSetOutput:
     """Backpropagate the loss of the union of ``micro_batches`` as if it were one batch.
@@ -97,8 +108,9 @@ def accumulate_backward(module: Any, micro_batches: Sequence[dict], accelerator:
         leaves = {name: torch.cat(parts).detach().requires_grad_() for name, parts in pieces[key].items()}
         res = obj.loss_from_embeddings(leaves)
         params = [(n, p) for n, p in obj.named_parameters() if p.requires_grad]
-        grads = torch.autograd.grad(obj.weight * res.loss, list(leaves.values()) + [p for _, p in params],
-                                    allow_unused=True)
+        with torch.autocast(res.loss.device.type, enabled=False):  # see backward()
+            grads = torch.autograd.grad(obj.weight * res.loss, list(leaves.values()) + [p for _, p in params],
+                                        allow_unused=True)
         embedding_grads[key] = {n: g for n, g in zip(leaves, grads[:len(leaves)]) if g is not None}
         param_grads[key] = {n: g for (n, _), g in zip(params, grads[len(leaves):]) if g is not None}
         result.losses[key] = res.loss.detach()
@@ -120,10 +132,7 @@ def accumulate_backward(module: Any, micro_batches: Sequence[dict], accelerator:
             sync = module.no_sync() if hasattr(module, "no_sync") else contextlib.nullcontext()
         with sync:
             out = module(batch, grad_cache=cache)
-            if accelerator is not None:
-                accelerator.backward(out.loss)
-            else:
-                out.loss.backward()
+            backward(out.loss, accelerator)
         for key, value in out.losses.items():  # per-example objectives: example-weighted means
             obj_weight = inner.objectives[key].weight
             result.losses[key] = result.losses.get(key, 0.0) + value * cache.share

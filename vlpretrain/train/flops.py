@@ -1,6 +1,7 @@
 """Model FLOPs of a training step, counted from the shapes that actually ran, and MFU.
 
-Forward hooks on every ``nn.Linear`` / ``nn.Conv2d`` and on every attention module add the FLOPs of
+Forward hooks on every ``nn.Linear`` / ``nn.Conv2d``, every attention module and every MLP (whose fc2
+runs inside :class:`~vlpretrain.layers.mlp.GeluLinear`) add the FLOPs of
 the call from its real input shape (so dynamic text padding, MAE's visible-patch subset, FLIP patch
 dropout and every objective's extra forwards are counted as they ran). Only forwards that build a
 graph count, and never the recompute inside ``backward`` (activation checkpointing): model FLOPs,
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from vlpretrain.layers.attention import Attention
+from vlpretrain.layers.mlp import Mlp
 
 # dense bf16/fp16 tensor-core peaks (FLOP/s) of known GPUs, by a substring of the device name
 GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12,
@@ -34,13 +36,16 @@ class FlopCounter:
         self.forward_flops = 0.0
         self._handles = []
         for sub in module.modules():
-            if isinstance(sub, (nn.Linear, nn.Conv2d, Attention)):
+            if isinstance(sub, (nn.Linear, nn.Conv2d, Attention, Mlp)):
                 self._handles.append(sub.register_forward_hook(self._hook))
 
     def _hook(self, module, args, output) -> None:
         if not torch.is_grad_enabled() or _in_backward():
             return
-        if isinstance(module, nn.Linear):
+        if isinstance(module, Mlp):  # fc2 inside GeluLinear (fc1, and fc2 when called itself, hook on their own)
+            if module.fuses():
+                self.forward_flops += 2.0 * output.numel() * module.fc2.in_features
+        elif isinstance(module, nn.Linear):
             self.forward_flops += 2.0 * args[0].numel() * module.out_features
         elif isinstance(module, nn.Conv2d):
             k = module.in_channels * module.kernel_size[0] * module.kernel_size[1] // module.groups

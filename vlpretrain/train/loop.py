@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import signal
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,10 +29,11 @@ from vlpretrain.data.tokenizer import load_tokenizer
 from vlpretrain.eval.during_training import evaluate
 from vlpretrain.models.modeling import VLConfig, VLModel
 from vlpretrain.objectives import build_objective_set
-from vlpretrain.train.accumulate import accumulate_backward
+from vlpretrain.train.accumulate import accumulate_backward, backward
 from vlpretrain.train.checkpoint import (
     check_compatible, complete_checkpoints, load_checkpoint, resolve_resume, save_checkpoint)
 from vlpretrain.train.flops import FlopCounter, device_peak_flops
+from vlpretrain.layers.precision import emulates, emulation_note, low_precision_context
 from vlpretrain.train.metrics import MetricsLog, plot_curves
 from vlpretrain.train.optim import build_optimizer, build_scheduler
 
@@ -149,22 +149,6 @@ def _next_batch(stream: ShardStream, it, state: _State, size: int):
         state.dropped_tail += len(batch["pixel_values"])
 
 
-def cpu_has_native(precision: str) -> bool:
-    """Whether this CPU has bf16/fp16 matmul units that PyTorch uses (oneDNN: AVX-512 BF16/FP16, AMX)."""
-    check = {"bf16": torch.ops.mkldnn._is_mkldnn_bf16_supported, "fp16": torch.ops.mkldnn._is_mkldnn_fp16_supported}
-    return precision not in check or bool(check[precision]())
-
-
-def warn_if_slow_cpu_precision(device: torch.device, precision: str) -> None:
-    """bf16/fp16 autocast on a CPU without such units runs PyTorch's reference GEMM (~1 GFLOP/s on a
-    2-core AVX2 machine, 50-100x slower than fp32): say so before the first step rather than leave it
-    to be discovered."""
-    if device.type == "cpu" and not cpu_has_native(precision):
-        warnings.warn(f"train.precision={precision} on a CPU without {precision} matrix units: PyTorch falls back "
-                      f"to its reference {precision} GEMM, far slower than fp32 here; use train.precision=no "
-                      f"on this machine.", stacklevel=2)
-
-
 def _tokens(batch: dict, image_tokens: int) -> float:
     """Input tokens of a (host) batch: ``image_tokens`` per image plus the real caption tokens."""
     mask = batch.get("attention_mask")
@@ -185,7 +169,8 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
         step_scheduler_with_optimizer=False,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     world, rank = accelerator.num_processes, accelerator.process_index
-    warn_if_slow_cpu_precision(accelerator.device, t.precision)
+    if emulates(accelerator.device, t.precision):
+        accelerator.print(emulation_note(t.precision))
     micro = _micro_batch_size(cfg, world)
     resume = resolve_resume(t.resume, run_dir)
     _check_fresh_run_dir(run_dir, resume)
@@ -215,7 +200,8 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
     set_seed(cfg.run.seed + rank)  # per-rank randomness (patch dropout, masking) from here on
 
     counter = FlopCounter(objectives)
-    peak = device_peak_flops(accelerator.device, t.precision in ("bf16", "fp16"))
+    native_low_precision = t.precision in ("bf16", "fp16") and not emulates(accelerator.device, t.precision)
+    peak = device_peak_flops(accelerator.device, native_low_precision)  # emulated low precision runs fp32 GEMMs
     processor = VLProcessor.from_data_config(cfg.data, cfg.model.image_size, cfg.model.max_text_len, tokenizer)
     config_yaml = to_yaml(cfg)
     if accelerator.is_main_process:
@@ -253,10 +239,10 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
                     window[f"skipped/{reason}"] = window.get(f"skipped/{reason}", 0) + n
             wait = time.perf_counter() - step_start
             module.train()
-            with accelerator.autocast():
+            with low_precision_context(accelerator, t.precision):
                 if t.accum_steps == 1:
                     out = module(batches[0])
-                    accelerator.backward(out.loss)
+                    backward(out.loss, accelerator)
                 else:
                     out = accumulate_backward(module, batches, accelerator)
             loss = accelerator.reduce(out.loss.detach().float().reshape(1), "mean")
@@ -396,7 +382,7 @@ def _evaluate(cfg: ExperimentConfig, accelerator, module, processor, log: Metric
         stream = ShardStream(cfg.data, "val", batch_size=64, image_size=cfg.model.image_size,
                              context_length=cfg.model.max_text_len, tokenizer=processor.tokenizer, seed=cfg.run.seed)
         captioning = any(entry["name"] == "captioning" for entry in cfg.objectives)
-        with accelerator.autocast():
+        with low_precision_context(accelerator, cfg.train.precision):
             results = evaluate(model, iter(stream), processor.tokenizer, cfg.eval.max_samples, cfg.eval.num_captions,
                                cfg.eval.max_new_tokens, accelerator.device, captioning=captioning)
         figures = {f"eval/{k}": v for k, v in results.items() if isinstance(v, (int, float))}
