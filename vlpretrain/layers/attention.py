@@ -239,8 +239,18 @@ def _flash(q, k, v, layout: AttentionLayout, causal: bool):
     return out.transpose(1, 2)
 
 
-def attend(q, k, v, layout: AttentionLayout, layer: int, backend: str, q_offset: int = 0):
-    """Attention of ``q`` (B, H, Lq, Dh) over ``k, v`` (B, H, Lkv, Dh) under ``layout``: the one switch."""
+def attend(q, k, v, layout: AttentionLayout, layer: int, backend: str, q_offset: int = 0,
+           query_index: torch.Tensor | None = None):
+    """Attention of ``q`` (B, H, Lq, Dh) over ``k, v`` (B, H, Lkv, Dh) under ``layout``: the one switch.
+
+    query_index: (B,) the one position each row's single query (Lq = 1) sits at, for a block that
+    computes only pooled tokens; it runs on the dense-mask row of that position (eager or SDPA)."""
+    if query_index is not None:
+        mask = layout.dense_mask(layer, 0, layout.length, q.device)  # (B or 1, 1, L, L) or None
+        if mask is not None:
+            rows = torch.arange(q.shape[0], device=q.device)
+            mask = mask.expand(q.shape[0], -1, -1, -1)[rows, :, query_index].unsqueeze(2)  # (B, 1, 1, L)
+        return _eager(q, k, v, mask) if backend == "eager" else F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     n_query = q.shape[2]
     if backend == "flash_attn":
         causal = layout.flash_segments(layer)
@@ -276,7 +286,9 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, layout: AttentionLayout, layer: int, backend: str, cache: KVCache | None = None):
+    def forward(self, x, layout: AttentionLayout, layer: int, backend: str, cache: KVCache | None = None,
+                query_index: torch.Tensor | None = None):
+        """x (B, L, D) -> (B, L, D); with ``query_index`` (B,) only that position's output, (B, 1, D)."""
         B, L, D = x.shape
         qkv = self.qkv(x).reshape(B, L, 3, self.num_heads, D // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, L, Dh)
@@ -284,5 +296,7 @@ class Attention(nn.Module):
         if cache is not None:
             q_offset = cache.layers[layer][0].shape[2] if layer in cache.layers else 0
             k, v = cache.update(layer, k, v)
-        out = attend(q, k, v, layout, layer, backend, q_offset)  # (B, H, L, Dh)
-        return self.proj(out.transpose(1, 2).reshape(B, L, D))
+        if query_index is not None:
+            q = q[torch.arange(B, device=x.device), :, query_index].unsqueeze(2)  # (B, H, 1, Dh)
+        out = attend(q, k, v, layout, layer, backend, q_offset, query_index)  # (B, H, Lq, Dh)
+        return self.proj(out.transpose(1, 2).reshape(B, q.shape[2], D))

@@ -18,6 +18,7 @@ recomputation in the backward is emulated too.
 from __future__ import annotations
 
 import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode

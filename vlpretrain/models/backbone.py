@@ -18,6 +18,7 @@ from vlpretrain.config import ModelConfig
 from vlpretrain.layers.attention import BACKENDS, Attention, AttentionLayout, KVCache, resolve_backend
 from vlpretrain.layers.mlp import Mlp
 from vlpretrain.layers.precision import checkpoint_contexts
+from vlpretrain.models.heads import text_pool_index
 
 
 class Block(nn.Module):
@@ -51,10 +52,14 @@ class Block(nn.Module):
         return torch.cat([image_fn(x[:, :n_image]), text_fn(x[:, n_image:])], dim=1)
 
     def forward(self, x, n_image: int, layout: AttentionLayout, layer: int, backend: str,
-                cache: KVCache | None = None):
-        """x: (B, L, D) with its first ``n_image`` tokens image tokens (0 on cached decode steps)."""
+                cache: KVCache | None = None, query_index: torch.Tensor | None = None):
+        """x: (B, L, D) with its first ``n_image`` tokens image tokens (0 on cached decode steps).
+        query_index (B,): compute only that position of each row (single-modality layouts) -> (B, 1, D)."""
         h = self._per_modality(x, n_image, self.norm1, lambda t: self.text_norm1(t))  # (B, L, D)
-        x = x + self.attn(h, layout, layer, backend, cache)  # (B, L, D)
+        if query_index is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), query_index].unsqueeze(1)  # (B, 1, D)
+            n_image = min(n_image, 1)
+        x = x + self.attn(h, layout, layer, backend, cache, query_index)  # (B, L or 1, D)
         h = self._per_modality(x, n_image, lambda t: self.mlp(self.norm2(t)),
                                lambda t: self.text_mlp(self.text_norm2(t)))
         return x + h
@@ -170,15 +175,31 @@ class VLBackbone(nn.Module):
         txt = text_norm(hidden[:, n_image:]) if hidden.shape[1] > n_image else None
         return img, txt
 
+    def _pooled_index(self, pooled_only: bool, kind: str, x, attention_mask, cache, output_layers, depth):
+        """(B,) positions the last block computes when ``pooled_only``, else None."""
+        if not pooled_only:
+            return None
+        if kind not in ("image", "text") or cache is not None or depth in output_layers or depth < 1:
+            raise ValueError(f"pooled_only serves the 'image' and 'text' layouts at depth >= 1 without a cache or "
+                             f"the last block's hidden states; got layout '{kind}', depth {depth}.")
+        B, L = x.shape[:2]
+        if kind == "image":
+            return torch.zeros(B, dtype=torch.long, device=x.device)  # the cls token
+        return text_pool_index(B, L, attention_mask, x.device)
+
     # -- forward ------------------------------------------------------------------------------
     def forward(self, pixel_values=None, input_ids=None, attention_mask=None, *, layout: str | None = None,
                 text_causal: bool = True, cross_from_layer: int = 0, keep_idx=None, depth: int | None = None,
-                output_layers: tuple[int, ...] = (), cache: KVCache | None = None) -> BackboneOutput:
+                output_layers: tuple[int, ...] = (), cache: KVCache | None = None,
+                pooled_only: bool = False) -> BackboneOutput:
         """Run the first ``depth`` blocks (all by default) on image and/or text under a layout.
 
         layout: image | text | prefix_lm | fused | separate; default from the inputs given
         (image only: image, text only: text, both: prefix_lm). ``cache`` enables incremental
         decoding: the first call fills it, later calls pass only the new ``input_ids``.
+        pooled_only (``image`` / ``text`` layouts): the last block computes only the token each
+        sequence is pooled at (cls; last real token), so ``image`` / ``text`` come out (B, 1, D):
+        the same pooled states for ~3/4 less of the last block's matmuls and activations.
         """
         decoding = cache is not None and cache.layers
         if pixel_values is None and input_ids is None:
@@ -212,15 +233,19 @@ class VLBackbone(nn.Module):
 
         depth = self.cfg.depth if depth is None else depth
         n_img_here = 0 if decoding else n_image
+        pooled_index = self._pooled_index(pooled_only, kind, x, attention_mask, cache, output_layers, depth)
         hidden = {}
         for i, block in enumerate(self.blocks[:depth]):
             if i in output_layers:
                 hidden[i] = x
+            index = pooled_index if i == depth - 1 else None
             if self.gradient_checkpointing and torch.is_grad_enabled() and cache is None:
-                x = checkpoint(block, x, n_img_here, spec, i, self.attn_backend, None, use_reentrant=False,
+                x = checkpoint(block, x, n_img_here, spec, i, self.attn_backend, None, index, use_reentrant=False,
                                context_fn=checkpoint_contexts)
             else:
-                x = block(x, n_img_here, spec, i, self.attn_backend, cache)
+                x = block(x, n_img_here, spec, i, self.attn_backend, cache, index)
+        if pooled_index is not None:
+            n_img_here = min(n_img_here, 1)
         if depth in output_layers:
             hidden[depth] = x
         img, txt = self.final_norm(x, n_img_here)

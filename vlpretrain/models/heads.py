@@ -10,9 +10,14 @@ def pool_image(tokens: torch.Tensor) -> torch.Tensor:
     return tokens[:, 0]
 
 
+def text_pool_index(batch: int, length: int, attention_mask: torch.Tensor | None, device) -> torch.Tensor:
+    """(B,) position of the token each caption is pooled at: the last real one (EOS when right-padded)."""
+    if attention_mask is None:
+        return torch.full((batch,), length - 1, dtype=torch.long, device=device)
+    return attention_mask.long().sum(dim=1).clamp(min=1) - 1
+
+
 def pool_text(tokens: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """(B, T, D) -> (B, D): the last real token (EOS for right-padded captions), as CLIP pools."""
-    if attention_mask is None:
-        return tokens[:, -1]
-    last = attention_mask.long().sum(dim=1).clamp(min=1) - 1  # (B,)
-    return tokens[torch.arange(tokens.shape[0], device=tokens.device), last]
+    B, T = tokens.shape[:2]
+    return tokens[torch.arange(B, device=tokens.device), text_pool_index(B, T, attention_mask, tokens.device)]

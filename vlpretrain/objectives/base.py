@@ -24,7 +24,9 @@ from vlpretrain.config import ConfigError, raise_first_failure
 #   image   (B, Ni, D) final-normed image tokens that never attended to text
 #   text    (B, T, D)  final-normed causal text states after model.config.text_embed_depth blocks (0: all)
 #   caption (B, T, D)  final text states under prefix_lm, text reading the image from block K on
-NEEDS = ("image", "text", "caption")
+#   image_pooled (B, D) ``image`` at its cls token; text_pooled (B, D) ``text`` at each caption's last
+#   real token. Asked alone, they come from forwards whose last block computes only those tokens.
+NEEDS = ("image", "text", "caption", "image_pooled", "text_pooled")
 
 
 @dataclass
@@ -59,6 +61,8 @@ class SharedFeatures:
     image: torch.Tensor | None = None  # (B, Ni, D)
     text: torch.Tensor | None = None  # (B, T, D)
     caption: torch.Tensor | None = None  # (B, T, D)
+    image_pooled: torch.Tensor | None = None  # (B, D)
+    text_pooled: torch.Tensor | None = None  # (B, D)
     forwards: int = 0  # backbone calls made to produce them
 
 

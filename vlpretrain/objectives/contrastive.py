@@ -20,7 +20,7 @@ from torch import nn
 from vlpretrain.objectives import register_objective
 from vlpretrain.objectives.base import CoupledObjective, ObjectiveConfig, ObjectiveOutput, SharedFeatures
 from vlpretrain.objectives.distributed import gather_with_grad, world
-from vlpretrain.objectives.embeddings import image_embedding, text_embedding
+from vlpretrain.objectives.embeddings import pooled_image_embedding, pooled_text_embedding
 from vlpretrain.objectives.functional import clip_loss, retrieval_accuracy, siglip_loss
 
 LOSSES = ("clip", "siglip")
@@ -62,7 +62,7 @@ class Contrastive(CoupledObjective):
 
     def __init__(self, cfg: ContrastiveConfig, model_config: Any):
         super().__init__(cfg, model_config)
-        self.needs = frozenset({"image", "text"})
+        self.needs = frozenset({"image_pooled", "text_pooled"})
         scale_init, bias_init = DEFAULT_INIT[cfg.loss]
         scale_init = cfg.logit_scale_init if cfg.logit_scale_init is not None else scale_init
         bias_init = cfg.logit_bias_init if cfg.logit_bias_init is not None else bias_init
@@ -87,8 +87,8 @@ class Contrastive(CoupledObjective):
         return self.logit_scale.to(dtype).exp()
 
     def embed(self, model: nn.Module, batch: dict, shared: SharedFeatures) -> dict[str, torch.Tensor]:
-        return {"image": image_embedding(model, shared.image),  # (b, E)
-                "text": text_embedding(model, shared.text, batch.get("attention_mask"))}  # (b, E)
+        return {"image": pooled_image_embedding(model, shared.image_pooled),  # (b, E)
+                "text": pooled_text_embedding(model, shared.text_pooled)}  # (b, E)
 
     def loss_from_embeddings(self, embeddings: dict[str, torch.Tensor]) -> ObjectiveOutput:
         dtype = torch.promote_types(embeddings["image"].dtype, torch.float32)  # fp32 at least

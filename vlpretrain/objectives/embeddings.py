@@ -15,9 +15,19 @@ from vlpretrain.models.heads import pool_image, pool_text
 
 def image_embedding(model: nn.Module, image_tokens: torch.Tensor) -> torch.Tensor:
     """(B, Ni, D) final-normed image tokens -> (B, E) L2-normalised embeddings."""
-    return F.normalize(model.image_proj(pool_image(image_tokens)), dim=-1)
+    return pooled_image_embedding(model, pool_image(image_tokens))
 
 
 def text_embedding(model: nn.Module, text_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
     """(B, T, D) unimodal text states -> (B, E) L2-normalised embeddings (last real token)."""
-    return F.normalize(model.text_proj(pool_text(text_states, attention_mask)), dim=-1)
+    return pooled_text_embedding(model, pool_text(text_states, attention_mask))
+
+
+def pooled_image_embedding(model: nn.Module, pooled: torch.Tensor) -> torch.Tensor:
+    """(B, D) pooled final-normed image states (shared ``image_pooled``) -> (B, E) L2-normalised."""
+    return F.normalize(model.image_proj(pooled), dim=-1)
+
+
+def pooled_text_embedding(model: nn.Module, pooled: torch.Tensor) -> torch.Tensor:
+    """(B, D) pooled unimodal text states (shared ``text_pooled``) -> (B, E) L2-normalised."""
+    return F.normalize(model.text_proj(pooled), dim=-1)

@@ -27,7 +27,7 @@ from vlpretrain.objectives import (
     SharedFeatures,
     register_objective,
 )
-from vlpretrain.objectives.embeddings import image_embedding, text_embedding
+from vlpretrain.objectives.embeddings import pooled_image_embedding, pooled_text_embedding
 from vlpretrain.objectives.functional import IGNORE_INDEX
 
 
@@ -67,7 +67,7 @@ class Matching(Objective):
 
     def __init__(self, cfg: MatchingConfig, model_config: Any):
         super().__init__(cfg, model_config)
-        self.needs = frozenset({"image", "text"})  # for the similarities that pick hard negatives
+        self.needs = frozenset({"image_pooled", "text_pooled"})  # for the similarities that pick hard negatives
         self.head = nn.Linear(model_config.width, 2)
         nn.init.normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
@@ -78,7 +78,7 @@ class Matching(Objective):
         if B < 2:
             raise self.error("a batch of 1 has no negatives", "use a batch of at least 2 image-text pairs")
         with torch.no_grad():
-            sim = image_embedding(model, shared.image) @ text_embedding(model, shared.text, mask).T  # (B, B)
+            sim = pooled_image_embedding(model, shared.image_pooled) @ pooled_text_embedding(model, shared.text_pooled).T
             real = ids.masked_fill(mask == 0, -1)  # (B, T), padding made uniform
             same_caption = (real[:, None] == real[None]).all(-1)  # (B, B)
             allowed = ~same_caption  # (B, B), the diagonal included

@@ -9,6 +9,9 @@ Plan (K = ``model.config.text_embed_depth``):
 * ``image`` not yet produced: an ``image`` forward.
 * ``text`` not yet produced (no caption forward, or K = 0): a causal ``text`` forward of K blocks
   (all when K = 0), i.e. exactly ``model.encode_text``'s features.
+* ``image_pooled`` / ``text_pooled``: pooled from ``image`` / ``text`` when those were produced;
+  asked alone (contrastive without captioning), the same forwards with ``pooled_only``: the last
+  block computes only the cls / last real token, which is all an embedding reads.
 
 The embeddings built from these (:mod:`vlpretrain.objectives.embeddings`) equal
 ``model.encode_image`` / ``model.encode_text``; a test holds them to it.
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from vlpretrain.models.heads import pool_image, pool_text
 from vlpretrain.objectives.base import NEEDS, SharedFeatures
 
 
@@ -30,7 +34,7 @@ def shared_forward(model: nn.Module, batch: dict, needs: frozenset[str] | set[st
     pixels, ids, mask = batch.get("pixel_values"), batch.get("input_ids"), batch.get("attention_mask")
     out = SharedFeatures()
     if "caption" in needs:
-        layers = (K,) if "text" in needs and K > 0 else ()
+        layers = (K,) if {"text", "text_pooled"} & set(needs) and K > 0 else ()
         res = backbone(pixels, ids, mask, layout="prefix_lm", cross_from_layer=K, output_layers=layers)
         out.image, out.caption, out.forwards = res.image, res.text, out.forwards + 1
         if layers:
@@ -40,4 +44,16 @@ def shared_forward(model: nn.Module, batch: dict, needs: frozenset[str] | set[st
     if "text" in needs and out.text is None:
         res = backbone(input_ids=ids, attention_mask=mask, layout="text", depth=K or None)
         out.text, out.forwards = res.text, out.forwards + 1
+    if "image_pooled" in needs:
+        if out.image is None:
+            out.image_pooled = backbone(pixel_values=pixels, layout="image", pooled_only=True).image[:, 0]
+            out.forwards += 1
+        else:
+            out.image_pooled = pool_image(out.image)
+    if "text_pooled" in needs:
+        if out.text is None:
+            res = backbone(input_ids=ids, attention_mask=mask, layout="text", depth=K or None, pooled_only=True)
+            out.text_pooled, out.forwards = res.text[:, 0], out.forwards + 1
+        else:
+            out.text_pooled = pool_text(out.text, mask)
     return out

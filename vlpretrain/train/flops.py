@@ -51,8 +51,8 @@ class FlopCounter:
             k = module.in_channels * module.kernel_size[0] * module.kernel_size[1] // module.groups
             self.forward_flops += 2.0 * output.numel() * k
         else:  # attention scores and weighted sum: 2 matmuls of (Lq x Dh) @ (Dh x Lkv) per head
-            B, L, D = args[0].shape
-            self.forward_flops += 4.0 * B * L * L * D
+            B, Lq, D = output.shape
+            self.forward_flops += 4.0 * B * Lq * args[0].shape[1] * D
 
     def take_step_flops(self) -> float:
         """FLOPs of the step since the last call (forward x 3), and reset."""
