@@ -47,6 +47,7 @@ def test_resolved_config_prints_and_loads_back(tmp_path):
     ("", ["model.attn_backend=fast"], r"model.attn_backend: 'fast' is not one of sdpa"),
     ("", ["model.eos_token_id=50000"], r"model.eos_token_id: 50000 is outside the vocabulary"),
     ("", ["depth"], r"override 'depth' is not of the form key.sub=value"),
+    ("", ["data.worker_priority=lowest"], r"data.worker_priority: 'lowest' is not one of idle, low, normal"),
 ])
 def test_bad_config_names_the_key_and_the_fix(tmp_path, text, overrides, match):
     with pytest.raises(ConfigError, match=match):

@@ -248,3 +248,26 @@ def test_http_and_pipe_shards_equal_local_shards(corpus, tokenizer, http_server)
         assert a["keys"] == b["keys"] == c["keys"]
         assert torch.equal(a["pixel_values"], b["pixel_values"]) and torch.equal(a["pixel_values"], c["pixel_values"])
     assert streams[1].skipped_by_reason() == {}
+
+
+@pytest.mark.parametrize("priority", ["idle", "low", "normal"])
+def test_worker_priority_is_applied_in_the_worker_process(priority):
+    import multiprocessing
+    import os
+
+    from vlpretrain.data.shards import set_worker_priority
+
+    def probe(queue):
+        before = os.nice(0)
+        set_worker_priority(priority)
+        queue.put((os.sched_getscheduler(0), os.nice(0) - before, before))
+
+    queue = multiprocessing.get_context("fork").Queue()
+    worker = multiprocessing.get_context("fork").Process(target=probe, args=(queue,))
+    worker.start()
+    policy, added_nice, start = queue.get(timeout=30)
+    worker.join()
+    low = min(10, 19 - start)  # niceness stops at 19
+    want = {"idle": (os.SCHED_IDLE, 0), "low": (os.SCHED_OTHER, low), "normal": (os.SCHED_OTHER, 0)}[priority]
+    assert (policy, added_nice) == want
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the trainer itself is untouched

@@ -248,10 +248,12 @@ class DataConfig:
     """Local HuggingFace tokenizer folder (``vlpretrain tokenizer`` writes one)."""
     num_workers: int = 2
     """DataLoader worker processes per rank (0: read in the main process)."""
-    worker_nice: int = 10
-    """Niceness added to the worker processes: where they share CPU cores with the training compute
-    (CPU training), they then run in the cycles the compute leaves, instead of stalling its threads
-    (~10% faster on 2 cores; tools/bench.py). 0 keeps them at the trainer's priority."""
+    worker_priority: str = "idle"
+    """CPU priority of the worker processes where they share cores with the training compute (CPU
+    training). idle (Linux SCHED_IDLE): they run only on cores the compute leaves idle, so they never
+    stall its threads, and fully whenever the trainer waits for data (+10-15% samples/s over low on
+    2 cores, tools/bench.py; watch data_wait_frac on a machine busy with other jobs); low: niceness
+    +10 (also where SCHED_IDLE does not exist); normal: the trainer's priority."""
     shuffle_buffer: int = 1000
     """Samples (raw bytes, not decoded) held for shuffling across shards; 0 or 1 disables sample shuffling."""
     crop_scale: list[float] = field(default_factory=lambda: [0.9, 1.0])
@@ -278,7 +280,8 @@ class DataConfig:
         checks = [
             (self.mode in ("epoch", "resampled"), "data.mode", f"'{self.mode}' is not one of epoch, resampled"),
             (self.num_workers >= 0, "data.num_workers", f"{self.num_workers} must be >= 0"),
-            (0 <= self.worker_nice <= 19, "data.worker_nice", f"{self.worker_nice} must be in 0..19"),
+            (self.worker_priority in ("idle", "low", "normal"), "data.worker_priority",
+             f"'{self.worker_priority}' is not one of idle, low, normal"),
             (self.shuffle_buffer >= 0, "data.shuffle_buffer", f"{self.shuffle_buffer} must be >= 0"),
             (len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1,
              "data.crop_scale", f"{self.crop_scale} must be [low, high] with 0 < low <= high <= 1"),

@@ -163,10 +163,12 @@ class ShardDataset(IterableDataset):
         yield {"_worker": worker, "_end": True, "_cursor": cursor, "_skipped": skips.take()}
 
 
-def _lower_priority(nice: int, worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: add ``nice`` to this worker's niceness (data.worker_nice)."""
-    if nice:
-        os.nice(nice)
+def set_worker_priority(priority: str, worker_id: int = 0) -> None:
+    """DataLoader ``worker_init_fn``: this worker's CPU priority (``data.worker_priority``)."""
+    if priority == "idle" and hasattr(os, "SCHED_IDLE"):
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    elif priority in ("idle", "low"):
+        os.nice(10)
 
 
 class ShardStream:
@@ -208,7 +210,7 @@ class ShardStream:
             weights=cfg.train_weights if self.resampled else None, shuffle=self.train,
             buffer_size=cfg.shuffle_buffer, seed=seed, rank=rank, world_size=world_size,
             num_workers=max(self.num_workers, 1))
-        self.timeout, self.worker_nice = cfg.timeout, cfg.worker_nice
+        self.timeout, self.worker_priority = cfg.timeout, cfg.worker_priority
         self.skipped_by_shard: dict[str, dict[str, int]] = {}
         self._delivered = {w: 0 for w in range(self.dataset.num_workers)}
         self._identity = {"seed": seed, "rank": rank, "world_size": world_size, "num_workers": self.num_workers,
@@ -246,7 +248,7 @@ class ShardStream:
         # the caller's global RNG (a resumed run would otherwise draw differently from an unbroken one)
         loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
                             timeout=self.timeout, persistent_workers=False, prefetch_factor=2,
-                            worker_init_fn=functools.partial(_lower_priority, self.worker_nice),
+                            worker_init_fn=functools.partial(set_worker_priority, self.worker_priority),
                             generator=torch.Generator().manual_seed(self.dataset.epoch))
         return iter(loader)
 
