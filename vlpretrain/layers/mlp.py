@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vlpretrain.layers.precision import emulation_active
+from vlpretrain.layers.precision import emulation_active, fp32_matmul
 
 
 class GeluLinear(torch.autograd.Function):
@@ -34,11 +34,8 @@ class GeluLinear(torch.autograd.Function):
         with torch.autocast(grad.device.type, enabled=False):
             act = F.gelu(h).to(dtype).reshape(-1, h.shape[-1])
             g, w = grad.reshape(-1, grad.shape[-1]), weight.to(dtype)
-            if ctx.emulated:  # the low-precision operands on fp32 kernels, results rounded back
-                grad_act = (g.float() @ w.float()).to(dtype)
-                grad_weight = (g.t().float() @ act.float()).to(dtype)
-            else:
-                grad_act, grad_weight = g @ w, g.t() @ act
+            matmul = fp32_matmul if ctx.emulated else torch.matmul
+            grad_act, grad_weight = matmul(g, w), matmul(g.t(), act)
             grad_h = torch.ops.aten.gelu_backward(grad_act.reshape(h.shape).to(h.dtype), h)
             grad_bias = g.sum(0).to(weight.dtype) if ctx.has_bias else None
         return grad_h, grad_weight.to(weight.dtype), grad_bias

@@ -76,6 +76,11 @@ class EmulatedLowPrecision(TorchFunctionMode):
         return out.to(self.dtype)
 
 
+def fp32_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` of low-precision operands on the fp32 kernel, rounded back: an emulated matmul."""
+    return (a.float() @ b.float()).to(a.dtype)
+
+
 def emulation_active() -> bool:
     """Whether ops run now are emulated (an :class:`EmulatedLowPrecision` entered, CPU autocast on):
     for custom autograd functions whose backward must run its matmuls the same way."""

@@ -18,7 +18,7 @@ from vlpretrain.config import ModelConfig
 from vlpretrain.layers.attention import BACKENDS, Attention, AttentionLayout, KVCache, resolve_backend
 from vlpretrain.layers.mlp import Mlp
 from vlpretrain.layers.precision import checkpoint_contexts
-from vlpretrain.models.heads import text_pool_index
+from vlpretrain.models.heads import IMAGE_POOL_INDEX, text_pool_index
 
 
 class Block(nn.Module):
@@ -184,7 +184,7 @@ class VLBackbone(nn.Module):
                              f"the last block's hidden states; got layout '{kind}', depth {depth}.")
         B, L = x.shape[:2]
         if kind == "image":
-            return torch.zeros(B, dtype=torch.long, device=x.device)  # the cls token
+            return torch.full((B,), IMAGE_POOL_INDEX, dtype=torch.long, device=x.device)
         return text_pool_index(B, L, attention_mask, x.device)
 
     # -- forward ------------------------------------------------------------------------------

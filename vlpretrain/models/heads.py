@@ -5,9 +5,12 @@ from __future__ import annotations
 import torch
 
 
+IMAGE_POOL_INDEX = 0  # images are pooled at the cls token, first in the sequence
+
+
 def pool_image(tokens: torch.Tensor) -> torch.Tensor:
     """(B, 1 + N, D) -> (B, D): the cls token (timm ``global_pool='token'``)."""
-    return tokens[:, 0]
+    return tokens[:, IMAGE_POOL_INDEX]
 
 
 def text_pool_index(batch: int, length: int, attention_mask: torch.Tensor | None, device) -> torch.Tensor:
