@@ -175,6 +175,27 @@ def test_captions_drawn_per_visit_and_padded_to_the_batch(corpus, tokenizer):
     assert sum(len(c) > 1 for c in captions.values()) > NUM_TRAIN // 4
 
 
+def test_first_caption_mode_trains_on_the_txt_caption_with_the_same_crops(corpus, tokenizer):
+    from vlpretrain.data.reader import SkipCounter, expand_sources, iter_shard
+    from vlpretrain.data.tokenizer import encode_captions
+
+    first = {}  # key -> token ids of its first caption (the .txt one)
+    for url in expand_sources(str(corpus / "train"))[0]:
+        for sample in iter_shard(url, SkipCounter()):
+            ids = encode_captions(tokenizer, [sample.captions[0]], 32)["input_ids"][0]
+            first[sample.key] = tuple(ids.tolist())
+    runs = {mode: take(make_stream(data_config(corpus, num_workers=2, captions=mode), batch_size=16,
+                                   tokenizer=tokenizer), 6) for mode in ("first", "random")}
+    differs = 0
+    for b_first, b_random in zip(runs["first"], runs["random"], strict=True):
+        assert b_first["keys"] == b_random["keys"]
+        assert torch.equal(b_first["pixel_values"], b_random["pixel_values"])  # same crops either way
+        for key, row, n in zip(b_first["keys"], b_first["input_ids"], b_first["attention_mask"].sum(1), strict=True):
+            assert tuple(row[:n].tolist()) == first[key]
+        differs += not torch.equal(b_first["input_ids"], b_random["input_ids"])
+    assert differs > 0  # the corpus has several captions per sample: random mode does draw others
+
+
 def test_resampled_mode_follows_source_weights_and_never_ends(corpus, tokenizer):
     shards = sorted(str(p) for p in (corpus / "train").glob("*.tar"))
     spec = f"{'::'.join([shards[0], shards[1]])}"

@@ -254,6 +254,10 @@ class DataConfig:
     stall its threads, and fully whenever the trainer waits for data (+10-15% samples/s over low on
     2 cores, tools/bench.py; watch data_wait_frac on a machine busy with other jobs); low: niceness
     +10 (also where SCHED_IDLE does not exist); normal: the trainer's priority."""
+    captions: str = "random"
+    """Which caption trains when a sample has several (a .json ``captions`` list): random (a fresh draw
+    each time the sample is read, a text augmentation) or first (always the first, the one the .txt
+    holds and the one validation scores; what trainers reading only .txt see, OpenCLIP's included)."""
     shuffle_buffer: int = 1000
     """Samples (raw bytes, not decoded) held for shuffling across shards; 0 or 1 disables sample shuffling."""
     crop_scale: list[float] = field(default_factory=lambda: [0.9, 1.0])
@@ -282,6 +286,7 @@ class DataConfig:
             (self.num_workers >= 0, "data.num_workers", f"{self.num_workers} must be >= 0"),
             (self.worker_priority in ("idle", "low", "normal"), "data.worker_priority",
              f"'{self.worker_priority}' is not one of idle, low, normal"),
+            (self.captions in ("random", "first"), "data.captions", f"'{self.captions}' is not one of random, first"),
             (self.shuffle_buffer >= 0, "data.shuffle_buffer", f"{self.shuffle_buffer} must be >= 0"),
             (len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1,
              "data.crop_scale", f"{self.crop_scale} must be [low, high] with 0 < low <= high <= 1"),

@@ -9,8 +9,8 @@ Design (every random choice derives from ``(seed, epoch, rank, worker)``, nothin
    stream is endless because epochs follow one another, and only full batches are delivered.
 2. **Raw samples** (:mod:`vlpretrain.data.reader`) go through a seeded shuffle buffer holding
    *encoded* bytes; bad ones are skipped and counted by reason and shard.
-3. Each sample leaving the buffer has a position ``i`` in its worker's stream; its caption draw and
-   random crop are seeded by ``(seed, epoch, rank, worker, i)``. Images are decoded (early JPEG
+3. Each sample leaving the buffer has a position ``i`` in its worker's stream; its caption draw (``data.captions``)
+   and random crop are seeded by ``(seed, epoch, rank, worker, i)``. Images are decoded (early JPEG
    downscaling), transformed, and batched *in the worker*, captions tokenised to the batch's longest.
 4. **Order.** Workers' batches are delivered round-robin (worker 0, 1, ..., 0, 1, ...; a finished
    worker drops out). PyTorch's DataLoader only approximates this when workers finish unevenly, so
@@ -89,8 +89,10 @@ class ShardDataset(IterableDataset):
 
     def __init__(self, sources: list[list[str]], *, transform: ImageTransform, tokenizer,
                  context_length: int, batch_size: int, resampled: bool, weights: list[float] | None,
-                 shuffle: bool, buffer_size: int, seed: int, rank: int, world_size: int, num_workers: int):
+                 shuffle: bool, buffer_size: int, seed: int, rank: int, world_size: int, num_workers: int,
+                 random_caption: bool = True):
         self.sources, self.transform, self.tokenizer = sources, transform, tokenizer
+        self.random_caption = random_caption
         self.context_length, self.batch_size = context_length, batch_size
         self.resampled, self.weights, self.shuffle, self.buffer_size = resampled, weights, shuffle, buffer_size
         self.seed, self.rank, self.world_size, self.num_workers = seed, rank, world_size, num_workers
@@ -129,7 +131,8 @@ class ShardDataset(IterableDataset):
         if not self.shuffle:  # evaluation: first caption, fixed transform
             return self.transform(self.transform.decode(sample.image)), sample.captions[0]
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker, position])
-        caption = sample.captions[int(rng.integers(len(sample.captions)))]
+        pick = int(rng.integers(len(sample.captions)))  # drawn either way: the crop seed stays the same
+        caption = sample.captions[pick if self.random_caption else 0]
         crop_seed = int(rng.integers(2**62))
         return self.transform(self.transform.decode(sample.image), seed=crop_seed), caption
 
@@ -209,7 +212,7 @@ class ShardStream:
             context_length=context_length, batch_size=batch_size, resampled=self.resampled,
             weights=cfg.train_weights if self.resampled else None, shuffle=self.train,
             buffer_size=cfg.shuffle_buffer, seed=seed, rank=rank, world_size=world_size,
-            num_workers=max(self.num_workers, 1))
+            num_workers=max(self.num_workers, 1), random_caption=cfg.captions == "random")
         self.timeout, self.worker_priority = cfg.timeout, cfg.worker_priority
         self.skipped_by_shard: dict[str, dict[str, int]] = {}
         self._delivered = {w: 0 for w in range(self.dataset.num_workers)}
