@@ -32,6 +32,13 @@ def test_preset_then_file_then_overrides(tmp_path):
     assert load_config(None, ["model.preset=base"]).model.width == 768
 
 
+def test_bare_no_precision_is_fp32_in_yaml_and_overrides(tmp_path):
+    path = write(tmp_path, "train:\n  precision: no\n")  # YAML reads a bare no as false
+    assert load_config(path).train.precision == "no"
+    assert load_config(path, ["train.precision=bf16"]).train.precision == "bf16"
+    assert load_config(write(tmp_path, "train: {}\n"), ["train.precision=no"]).train.precision == "no"
+
+
 def test_resolved_config_prints_and_loads_back(tmp_path):
     cfg = load_config(write(tmp_path, "model:\n  preset: tiny\n  modality_experts: true\n"))
     again = load_config(write(tmp_path, to_yaml(cfg)))

@@ -183,6 +183,10 @@ class TrainConfig:
     export: bool = True
     """Save the final model and processor as a HuggingFace folder in run.dir/model at the end."""
 
+    def __post_init__(self):
+        if self.precision in ("False", "false"):  # YAML (and a key=value override) reads a bare `no` as false
+            self.precision = "no"
+
     def validate(self) -> None:
         checks = [
             (self.steps >= 1, "train.steps", f"{self.steps} must be >= 1"),
