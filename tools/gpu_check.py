@@ -1,4 +1,4 @@
-"""Every GPU check in one go (run by tools/gpu_check.sh on a borrowed GPU; never from tests or CI).
+"""Every GPU check in one go (run by tools/gpu_check.sh on a borrowed GPU).
 
 1. Every attention backend vs ``eager`` on every layout, fp32 and bf16, outputs and gradients.
 2. ``flex`` / ``flash_attn`` vs dense-mask ``sdpa`` on ``prefix_lm`` at realistic lengths (forward +
@@ -8,7 +8,9 @@
 4. OpenCLIP's ViT-B-16 against our ``base`` preset, contrastive only, bf16, same batch of synthetic
    tensors, interleaved: samples/s and the ratio (ours / OpenCLIP).
 
-Writes one JSON object of figures to the path given (and prints it).
+Writes one JSON object of figures to the path given (and prints it). ``--smoke`` runs the same code
+on the CPU at toy sizes (seconds; its figures mean nothing): the test suite runs it so that a script
+which only ever runs on a rare borrowed GPU cannot rot between GPU sessions.
 """
 
 from __future__ import annotations
@@ -33,6 +35,22 @@ CASES = [("image", True), ("text", True), ("text", False), ("prefix_lm", True), 
          ("separate", True), ("separate", False)]
 
 
+# sizes of the real run (GPU) and of the CPU smoke run
+FULL = {"equiv_preset": "tiny", "preset": "base", "prefix_batch": 32, "text_len": 64,
+        "train_batch": 128, "train_steps": 30, "timing_steps": 10, "clip_batch": 128, "clip_rounds": 4, "clip_steps": 5}
+SMOKE = {"equiv_preset": "debug", "preset": "debug", "prefix_batch": 2, "text_len": 12,
+         "train_batch": 4, "train_steps": 7, "timing_steps": 1, "clip_batch": 4, "clip_rounds": 1, "clip_steps": 1}
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def autocast(device, dtype=torch.bfloat16):
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
 def text(batch, length, vocab, device):
     ids = torch.randint(5, vocab, (batch, length), device=device)
     lengths = torch.randint(length // 2, length + 1, (batch,), device=device)
@@ -42,11 +60,11 @@ def text(batch, length, vocab, device):
     return ids, mask
 
 
-def backend_equivalence(device) -> dict:
+def backend_equivalence(device, size) -> dict:
     torch.manual_seed(0)
-    model = VLModel(VLConfig(**{**preset_values("tiny"), "depth": 2})).to(device)
-    px = torch.randn(4, 3, 224, 224, device=device)
-    ids, mask = text(4, 40, model.config.vocab_size, device)
+    model = _model(size["equiv_preset"], device, depth=2)
+    px = _pixels(model, 4, device)
+    ids, mask = text(4, min(40, model.config.max_text_len), model.config.vocab_size, device)
     out = {}
     backends = ["sdpa", "flex"] + (["flash_attn"] if flash_attn_available() else [])
     for dtype in (torch.float32, torch.bfloat16):
@@ -55,7 +73,7 @@ def backend_equivalence(device) -> dict:
                 model.zero_grad(set_to_none=True)
                 model.set_attn_backend(backend)
                 kw = dict(layout=layout, text_causal=causal)
-                with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+                with autocast(device, dtype):
                     res = model.backbone(pixel_values=None if layout == "text" else px,
                                          input_ids=None if layout == "image" else ids,
                                          attention_mask=None if layout == "image" else mask, **kw)
@@ -77,52 +95,62 @@ def backend_equivalence(device) -> dict:
     return out
 
 
-def time_prefix_lm(device, steps=10) -> dict:
+def _model(preset: str, device, **overrides) -> VLModel:
+    return VLModel(VLConfig(**{**preset_values(preset), **overrides})).to(device)
+
+
+def _pixels(model: VLModel, batch: int, device) -> torch.Tensor:
+    side = model.config.image_size
+    return torch.randn(batch, 3, side, side, device=device)
+
+
+def time_prefix_lm(device, size) -> dict:
     torch.manual_seed(0)
-    model = VLModel(VLConfig(**preset_values("base"))).to(device)
-    px = torch.randn(32, 3, 224, 224, device=device)
-    ids, mask = text(32, 64, model.config.vocab_size, device)
+    model = _model(size["preset"], device)
+    px = _pixels(model, size["prefix_batch"], device)
+    ids, mask = text(size["prefix_batch"], size["text_len"], model.config.vocab_size, device)
     backends = ["sdpa", "flex"] + (["flash_attn"] if flash_attn_available() else [])
     times = {b: [] for b in backends}
 
     def once(backend):
         model.set_attn_backend(backend)
-        torch.cuda.synchronize()
+        sync(device)
         start = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with autocast(device):
             out = model(pixel_values=px, input_ids=ids, attention_mask=mask, labels=ids)
         out.loss.backward()
-        torch.cuda.synchronize()
+        sync(device)
         return time.perf_counter() - start
 
     for b in backends:  # warm-up (compiles flex)
         once(b)
-    for _ in range(steps):
+    for _ in range(size["timing_steps"]):
         for b in backends:  # interleaved
             times[b].append(once(b))
     med = {b: sorted(t)[len(t) // 2] for b, t in times.items()}
     return {"step_s": med, **{f"{b}_speedup_vs_sdpa": med["sdpa"] / med[b] for b in backends if b != "sdpa"}}
 
 
-def train_base(device, steps=30, batch=128) -> dict:
+def train_base(device, size) -> dict:
     torch.manual_seed(0)
-    model = VLModel(VLConfig(**{**preset_values("base"), "text_embed_depth": 6})).to(device)
+    steps, batch = size["train_steps"], size["train_batch"]
+    model = _model(size["preset"], device, text_embed_depth=preset_values(size["preset"])["depth"] // 2)
     objset = build_objective_set(model, [{"name": "contrastive"}, {"name": "captioning"}]).to(device)
     opt = torch.optim.AdamW(objset.parameters(), lr=1e-4, fused=True)
     counter = FlopCounter(objset)
-    px = torch.randn(batch, 3, 224, 224, device=device)
-    ids, mask = text(batch, 64, model.config.vocab_size, device)
+    px = _pixels(model, batch, device)
+    ids, mask = text(batch, size["text_len"], model.config.vocab_size, device)
     batch_dict = {"pixel_values": px, "input_ids": ids, "attention_mask": mask}
     times, flops = [], []
     for i in range(steps):
-        torch.cuda.synchronize()
+        sync(device)
         start = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with autocast(device):
             loss = objset(batch_dict).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
+        sync(device)
         if i >= 5:
             times.append(time.perf_counter() - start)
             flops.append(counter.take_step_flops())
@@ -133,41 +161,54 @@ def train_base(device, steps=30, batch=128) -> dict:
     achieved = sum(flops) / sum(times)
     return {"samples_per_s": batch / step, "step_s": step, "tflops_per_s": achieved / 1e12,
             "mfu": achieved / peak if peak else None, "peak_tflops": peak / 1e12 if peak else None,
-            "max_mem_gb": torch.cuda.max_memory_allocated() / 2**30}
+            "max_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
 
 
-def _step_timer(module, loss_fn):
+def _step_timer(module, loss_fn, device):
     """A closure that runs one fused-AdamW bf16 training step of ``module`` and returns its seconds."""
     opt = torch.optim.AdamW(module.parameters(), lr=1e-4, fused=True)
 
     def step() -> float:
-        torch.cuda.synchronize()
+        sync(device)
         start = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with autocast(device):
             loss = loss_fn()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
+        sync(device)
         return time.perf_counter() - start
 
     return step
 
 
-def openclip_ratio(device, batch=128, rounds=4, steps=5) -> dict:
-    """Our ``base`` preset (contrastive) vs OpenCLIP ViT-B-16 (CLIP loss), interleaved A B A B."""
+def _openclip_model(smoke: bool):
+    """OpenCLIP's ViT-B-16, or for the smoke run a toy CLIP of the same code at the debug preset's shape."""
+    import open_clip
+    from open_clip.model import CLIP
+
+    if not smoke:
+        return open_clip.create_model("ViT-B-16")
+    vision = {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32}
+    return CLIP(embed_dim=64, vision_cfg=vision, text_cfg={"context_length": 77, "width": 64, "heads": 2, "layers": 2})
+
+
+def openclip_ratio(device, size) -> dict:
+    """Our preset (contrastive) vs OpenCLIP ViT-B-16 (CLIP loss), interleaved A B A B."""
     import open_clip
 
     torch.manual_seed(0)
-    ours = build_objective_set(VLModel(VLConfig(**preset_values("base"))), [{"name": "contrastive"}]).to(device)
-    theirs = open_clip.create_model("ViT-B-16").to(device)
+    smoke = size is SMOKE
+    ours = build_objective_set(_model(size["preset"], device), [{"name": "contrastive"}]).to(device)
+    theirs = _openclip_model(smoke).to(device)
     clip_loss = open_clip.ClipLoss()
-    px = torch.randn(batch, 3, 224, 224, device=device)
-    ids, mask = text(batch, 64, 49408, device)
+    n, length = size["clip_batch"], size["text_len"]
+    px = _pixels(ours.model, n, device)
+    ids, mask = text(n, length, 49408, device)
     eot = mask.sum(1) - 1
-    oc_ids = torch.zeros(batch, 77, dtype=torch.long, device=device)
-    oc_ids[:, :64] = ids
-    oc_ids[torch.arange(batch, device=device), eot] = 49407  # OpenCLIP pools at the largest id (EOT)
+    oc_ids = torch.zeros(n, 77, dtype=torch.long, device=device)
+    oc_ids[:, :length] = ids
+    oc_ids[torch.arange(n, device=device), eot] = 49407  # OpenCLIP pools at the largest id (EOT)
     ids = ids.clamp(max=ours.model.config.vocab_size - 1)
 
     def their_loss():
@@ -175,30 +216,33 @@ def openclip_ratio(device, batch=128, rounds=4, steps=5) -> dict:
         return clip_loss(img, txt, scale)
 
     batch = {"pixel_values": px, "input_ids": ids, "attention_mask": mask}
-    steppers = {"vlpretrain": _step_timer(ours, lambda: ours(batch).loss), "openclip": _step_timer(theirs, their_loss)}
+    steppers = {"vlpretrain": _step_timer(ours, lambda: ours(batch).loss, device),
+                "openclip": _step_timer(theirs, their_loss, device)}
     for step in steppers.values():  # warm-up
         step(), step()
     times = {k: [] for k in steppers}
-    for _ in range(rounds):
+    for _ in range(size["clip_rounds"]):
         for name, step in steppers.items():
-            times[name] += [step() for _ in range(steps)]
+            times[name] += [step() for _ in range(size["clip_steps"])]
     med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-    return {"batch": batch, "samples_per_s": {k: batch / v for k, v in med.items()},
+    return {"batch": n, "samples_per_s": {k: n / v for k, v in med.items()},
             "ratio_vs_openclip": med["openclip"] / med["vlpretrain"],
             "note": "ours: shared 768-wide backbone, text 64 tokens; OpenCLIP: ViT-B/16 + 512-wide text tower, 77 tokens"}
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
-    args = parser.parse_args()
-    device = torch.device("cuda")
-    figures = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__,
+    parser.add_argument("--smoke", action="store_true", help="CPU, toy sizes: checks the script runs, not the GPU")
+    args = parser.parse_args(argv)
+    size = SMOKE if args.smoke else FULL
+    device = torch.device("cpu" if args.smoke else "cuda")
+    figures = {"device": "cpu (smoke)" if args.smoke else torch.cuda.get_device_name(0), "torch": torch.__version__,
                "flash_attn": flash_attn_available()}
     for name, fn in (("equivalence", backend_equivalence), ("prefix_lm_timing", time_prefix_lm),
                      ("train_base_bf16", train_base), ("openclip_vit_b16", openclip_ratio)):
         try:
-            figures[name] = fn(device)
+            figures[name] = fn(device, size)
         except Exception as exc:  # keep the other figures
             figures[name] = {"error": f"{type(exc).__name__}: {exc}"}
         args.out.write_text(json.dumps(figures, indent=1))

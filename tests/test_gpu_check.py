@@ -1,0 +1,28 @@
+"""tools/gpu_check.py runs only on a rarely borrowed GPU; its ``--smoke`` mode runs the same code on
+the CPU at toy sizes so that it cannot rot between GPU sessions (the figures mean nothing here)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_check_smoke_runs_every_section_without_error(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    run = subprocess.run([sys.executable, "tools/gpu_check.py", "--smoke", str(out)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    figures = json.loads(out.read_text())
+    sections = ("equivalence", "prefix_lm_timing", "train_base_bf16", "openclip_vit_b16")
+    failed = {k: figures[k]["error"] for k in sections if "error" in figures[k]}
+    assert not failed, failed
+    fp32 = {k: v for k, v in figures["equivalence"].items() if k.endswith("/float32")}
+    assert len(fp32) == 7 * 2  # every layout case, sdpa and flex (flash-attn needs CUDA)
+    assert all(v["max_abs_out"] < 1e-4 and v["max_rel_grad"] < 1e-3 for v in fp32.values()), fp32
+    assert figures["prefix_lm_timing"]["flex_speedup_vs_sdpa"] > 0
+    assert figures["train_base_bf16"]["samples_per_s"] > 0 and figures["train_base_bf16"]["tflops_per_s"] > 0
+    assert figures["openclip_vit_b16"]["ratio_vs_openclip"] > 0
