@@ -1,0 +1,51 @@
+"""tools/bench.py (the benchmark compare_openclip.py and gpu_check.sh run): its figures from the
+per-step records, and one real run end to end on the debug twin of the GPU benchmark's config."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import train_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _bench_module():
+    spec = importlib.util.spec_from_file_location("bench", ROOT / "tools" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_figures_are_time_weighted_over_the_steps_after_warmup():
+    records = [{"step": 1, "step_time_s": 9.0, "samples_per_s": 1.0, "tokens_per_s": 1.0, "data_wait_frac": 1.0, "loss": 5.0},
+               {"step": 2, "step_time_s": 1.0, "samples_per_s": 64.0, "tokens_per_s": 640.0, "data_wait_frac": 0.0,
+                "loss": 4.0, "tflops_per_s": 1.0, "mfu": 0.1},
+               {"step": 3, "step_time_s": 3.0, "samples_per_s": 16.0, "tokens_per_s": 160.0, "data_wait_frac": 0.5,
+                "loss": 3.0, "tflops_per_s": 2.0, "mfu": 0.2},
+               {"step": 3, "eval/i2t_r@1": 0.5}]  # evaluation records are not steps
+    figures = _bench_module().summarise(records, warmup=1)
+    assert figures["steps_timed"] == 2 and figures["final_loss"] == 3.0
+    assert figures["samples_per_s"] == pytest.approx(112 / 4)  # 64 + 48 samples over 4 s
+    assert figures["data_wait_frac"] == pytest.approx(1.5 / 4)
+    assert figures["mfu"] == pytest.approx(0.7 / 4)
+    with pytest.raises(SystemExit, match="raise train.steps"):
+        _bench_module().summarise(records, warmup=3)
+
+
+@pytest.mark.slow
+def test_bench_runs_the_real_trainer_and_prints_one_json_line(synth_root, tmp_path):
+    overrides = train_overrides(synth_root, tmp_path / "ignored", "train.steps=3", "train.batch_size=8")
+    run = subprocess.run([sys.executable, "tools/bench.py", "--config", "configs/coca-base-debug.yaml", "--warmup", "1",
+                          "--eval", *overrides], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    figures = json.loads(run.stdout.strip().splitlines()[-1])
+    assert figures["steps_timed"] == 2 and figures["batch_size"] == 8 and figures["world_size"] == 1
+    assert figures["samples_per_s"] > 0 and figures["peak_rss_mb"] > 100 and 0 <= figures["data_wait_frac"] <= 1
+    assert 0 <= figures["eval"]["i2t_r@1"] <= 1 and 0 < figures["eval"]["samples"] <= 64
