@@ -34,6 +34,21 @@ def test_save_pretrained_round_trip_through_auto_classes(tmp_path, overrides):
             assert torch.equal(loaded.encode_text(ids, mask), ref_txt)
 
 
+@pytest.mark.parametrize("overrides", [{}, {"text_embed_depth": 1}, {"modality_experts": True, "text_embed_depth": 2}])
+def test_embeddings_from_the_pooled_tokens_equal_pooling_the_full_states(overrides):
+    from vlpretrain.models.heads import pool_image, pool_text
+
+    model = make_model("debug", **overrides).eval()
+    px = torch.randn(3, 3, 32, 32)
+    ids, mask = make_text(3, 9, 1024, [9, 4, 6])
+    full_img = F.normalize(model.image_proj(pool_image(model.forward_features(px))), dim=-1)
+    full_txt = F.normalize(model.text_proj(pool_text(model.text_features(ids, mask), mask)), dim=-1)
+    img, txt = model.encode_image(px), model.encode_text(ids, mask)
+    assert torch.allclose(img, full_img, atol=1e-6) and torch.allclose(txt, full_txt, atol=1e-6)
+    (img.sum() + txt.sum()).backward()  # fine-tuning through encode_* builds a graph as before
+    assert model.image_proj.weight.grad is not None and model.backbone.blocks[0].attn.qkv.weight.grad is not None
+
+
 @pytest.mark.parametrize("overrides", [{}, {"text_embed_depth": 1}, {"modality_experts": True}])
 def test_cached_generate_equals_greedy_without_cache(overrides):
     model = make_model("debug", **overrides).eval()

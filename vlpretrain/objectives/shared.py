@@ -10,8 +10,9 @@ Plan (K = ``model.config.text_embed_depth``):
 * ``text`` not yet produced (no caption forward, or K = 0): a causal ``text`` forward of K blocks
   (all when K = 0), i.e. exactly ``model.encode_text``'s features.
 * ``image_pooled`` / ``text_pooled``: pooled from ``image`` / ``text`` when those were produced;
-  asked alone (contrastive without captioning), the same forwards with ``pooled_only``: the last
-  block computes only the cls / last real token, which is all an embedding reads.
+  asked alone (contrastive without captioning), ``model.pooled_image_features`` /
+  ``pooled_text_features``: the same forwards with the last block computing only the cls / last
+  real token, which is all an embedding reads (``encode_image`` / ``encode_text`` run them too).
 
 The embeddings built from these (:mod:`vlpretrain.objectives.embeddings`) equal
 ``model.encode_image`` / ``model.encode_text``; a test holds them to it.
@@ -46,14 +47,12 @@ def shared_forward(model: nn.Module, batch: dict, needs: frozenset[str] | set[st
         out.text, out.forwards = res.text, out.forwards + 1
     if "image_pooled" in needs:
         if out.image is None:
-            out.image_pooled = backbone(pixel_values=pixels, layout="image", pooled_only=True).image[:, 0]
-            out.forwards += 1
+            out.image_pooled, out.forwards = model.pooled_image_features(pixels), out.forwards + 1
         else:
             out.image_pooled = pool_image(out.image)
     if "text_pooled" in needs:
         if out.text is None:
-            res = backbone(input_ids=ids, attention_mask=mask, layout="text", depth=K or None, pooled_only=True)
-            out.text_pooled, out.forwards = res.text[:, 0], out.forwards + 1
+            out.text_pooled, out.forwards = model.pooled_text_features(ids, mask), out.forwards + 1
         else:
             out.text_pooled = pool_text(out.text, mask)
     return out
