@@ -1,19 +1,41 @@
 #!/usr/bin/env bash
-# The one script for a borrowed GPU (~8 minutes): installs the package (and flash-attn if a wheel is
-# at hand), then runs tools/gpu_check.py, which writes its figures as JSON to ${OUT:-.}/gpu_check.json.
-# Run it only on a GPU machine, never from tests or CI.
+# The one script for a borrowed GPU (at most ~8 minutes: one run call, inside the 15-minute budget): tools/gpu_check.py's figures as JSON in
+# ${OUT:-.}/gpu_check.json, then the real trainer's figures (bench_gpu.json, and bench_fsdp2.json
+# with two GPUs or more).
+#
+# The lent GPU machine reaches no network: its python3 has torch, transformers, timm, accelerate,
+# peft, sentencepiece and torchvision, but not omegaconf, webdataset or open_clip_torch. So first,
+# HERE (the package registry is reachable):
+#     bash tools/gpu_check.sh --prepare        # pure-Python wheels into .gpu_wheels/ (git-ignored)
+# then on the device, carrying that folder:   run(command="bash tools/gpu_check.sh", carry=[".gpu_wheels"])
+# The package is not installed there: the tools put the repo root on sys.path (PYTHONPATH below).
+# Never from tests or CI (the test suite runs tools/gpu_check.py --smoke on the CPU instead).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+PY=${PYTHON:-$(command -v python3 || command -v python)}
+WHEELS=(omegaconf webdataset braceexpand open_clip_torch ftfy wcwidth)
+if [ "${1:-}" = "--prepare" ]; then
+  rm -rf .gpu_wheels && mkdir -p .gpu_wheels
+  "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d .gpu_wheels "${WHEELS[@]}" || exit 1
+  ls .gpu_wheels
+  exit 0
+fi
 OUT=${OUT:-.}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || { echo "no GPU"; exit 1; }
-python -m pip install -q -e ".[dev]" 2>&1 | tail -2
-python -m pip install -q flash-attn --no-build-isolation 2>&1 | tail -1 || echo "flash-attn unavailable; its rows are skipped"
-timeout 480 python tools/gpu_check.py "$OUT/gpu_check.json"
+if [ -d .gpu_wheels ]; then  # offline: only what the machine lacks, from the carried wheels
+  "$PY" -m pip install -q --no-index --no-deps .gpu_wheels/*.whl 2>&1 | tail -2
+else
+  "$PY" -m pip install -q -e ".[dev]" 2>&1 | tail -2
+  "$PY" -m pip install -q flash-attn --no-build-isolation 2>&1 | tail -1 || echo "flash-attn unavailable; its rows are skipped"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+"$PY" -c "import vlpretrain, omegaconf, webdataset, open_clip, torch; print('torch', torch.__version__)" || exit 1
+timeout 330 "$PY" tools/gpu_check.py "$OUT/gpu_check.json"
 # the real trainer on the GPU (data pipeline, loop, logging): one JSON line of figures
 BENCH="--config configs/coca-base.yaml data.synthesize=4000 data.num_workers=8 train.steps=40 train.batch_size=128 train.precision=bf16"
-timeout 240 python tools/bench.py $BENCH > "$OUT/bench_gpu.json" || echo "bench.py failed"
+timeout 150 "$PY" tools/bench.py $BENCH > "$OUT/bench_gpu.json" || echo "bench.py failed"
 # two or more GPUs: the same under FSDP (2 processes), world size taken from the figures
 if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
-  timeout 180 accelerate launch --config_file configs/accelerate/fsdp-8gpu.yaml --num_processes 2 tools/bench.py \
-    $BENCH > "$OUT/bench_fsdp2.json" || echo "FSDP bench failed"
+  timeout 180 "$PY" -m accelerate.commands.launch --config_file configs/accelerate/fsdp-8gpu.yaml --num_processes 2 \
+    tools/bench.py $BENCH > "$OUT/bench_fsdp2.json" || echo "FSDP bench failed"
 fi
