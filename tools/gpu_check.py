@@ -4,7 +4,7 @@
 2. ``flex`` / ``flash_attn`` vs dense-mask ``sdpa`` on ``prefix_lm`` at realistic lengths (forward +
    backward time, interleaved A B A B).
 3. A short bf16 training run of the ``base`` preset (contrastive + captioning in one pass) on
-   synthetic tensors: samples/s, TFLOP/s and MFU.
+   synthetic tensors: samples/s, TFLOP/s and MFU; last, the same under ``torch.compile``.
 4. OpenCLIP's ViT-B-16 against our ``base`` preset, contrastive only, bf16, same batch of synthetic
    tensors, interleaved: samples/s and the ratio (ours / OpenCLIP).
 
@@ -131,13 +131,16 @@ def time_prefix_lm(device, size) -> dict:
     return {"step_s": med, **{f"{b}_speedup_vs_sdpa": med["sdpa"] / med[b] for b in backends if b != "sdpa"}}
 
 
-def train_base(device, size) -> dict:
+def train_base(device, size, flops_per_step: float | None = None) -> dict:
+    """bf16 contrastive + captioning steps of the preset; given the eager run's ``flops_per_step``,
+    the same under ``torch.compile`` (the FLOPs are counted on the eager modules only)."""
     torch.manual_seed(0)
     steps, batch = size["train_steps"], size["train_batch"]
     model = _model(size["preset"], device, text_embed_depth=preset_values(size["preset"])["depth"] // 2)
     objset = build_objective_set(model, [{"name": "contrastive"}, {"name": "captioning"}]).to(device)
     opt = torch.optim.AdamW(objset.parameters(), lr=1e-4, fused=True)
-    counter = FlopCounter(objset)
+    counter = FlopCounter(objset) if flops_per_step is None else None
+    run = objset if counter else torch.compile(objset)
     px = _pixels(model, batch, device)
     ids, mask = text(batch, size["text_len"], model.config.vocab_size, device)
     batch_dict = {"pixel_values": px, "input_ids": ids, "attention_mask": mask}
@@ -146,20 +149,19 @@ def train_base(device, size) -> dict:
         sync(device)
         start = time.perf_counter()
         with autocast(device):
-            loss = objset(batch_dict).loss
+            loss = run(batch_dict).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         sync(device)
-        if i >= 5:
+        step_flops = counter.take_step_flops() if counter else flops_per_step
+        if i >= 5:  # warm-up (and compilation) left out
             times.append(time.perf_counter() - start)
-            flops.append(counter.take_step_flops())
-        else:
-            counter.take_step_flops()
+            flops.append(step_flops)
     step = sum(times) / len(times)
     peak = device_peak_flops(device, True)
     achieved = sum(flops) / sum(times)
-    return {"samples_per_s": batch / step, "step_s": step, "tflops_per_s": achieved / 1e12,
+    return {"samples_per_s": batch / step, "step_s": step, "flops_per_step": flops[-1], "tflops_per_s": achieved / 1e12,
             "mfu": achieved / peak if peak else None, "peak_tflops": peak / 1e12 if peak else None,
             "max_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
 
@@ -239,8 +241,12 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cpu" if args.smoke else "cuda")
     figures = {"device": "cpu (smoke)" if args.smoke else torch.cuda.get_device_name(0), "torch": torch.__version__,
                "flash_attn": flash_attn_available()}
-    for name, fn in (("equivalence", backend_equivalence), ("prefix_lm_timing", time_prefix_lm),
-                     ("train_base_bf16", train_base), ("openclip_vit_b16", openclip_ratio)):
+    sections = [("equivalence", backend_equivalence), ("prefix_lm_timing", time_prefix_lm),
+                ("train_base_bf16", train_base), ("openclip_vit_b16", openclip_ratio)]
+    if not args.smoke:  # last: compiling the base model takes the longest (a minute or more)
+        sections.append(("train_base_bf16_compiled", lambda device, size: train_base(
+            device, size, flops_per_step=figures["train_base_bf16"]["flops_per_step"])))
+    for name, fn in sections:
         try:
             figures[name] = fn(device, size)
         except Exception as exc:  # keep the other figures
