@@ -51,6 +51,15 @@ def autocast(device, dtype=torch.bfloat16):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
+def _model(preset: str, device, **overrides) -> VLModel:
+    return VLModel(VLConfig(**{**preset_values(preset), **overrides})).to(device)
+
+
+def _pixels(model: VLModel, batch: int, device) -> torch.Tensor:
+    side = model.config.image_size
+    return torch.randn(batch, 3, side, side, device=device)
+
+
 def text(batch, length, vocab, device):
     ids = torch.randint(5, vocab, (batch, length), device=device)
     lengths = torch.randint(length // 2, length + 1, (batch,), device=device)
@@ -95,15 +104,6 @@ def backend_equivalence(device, size) -> dict:
     return out
 
 
-def _model(preset: str, device, **overrides) -> VLModel:
-    return VLModel(VLConfig(**{**preset_values(preset), **overrides})).to(device)
-
-
-def _pixels(model: VLModel, batch: int, device) -> torch.Tensor:
-    side = model.config.image_size
-    return torch.randn(batch, 3, side, side, device=device)
-
-
 def time_prefix_lm(device, size) -> dict:
     torch.manual_seed(0)
     model = _model(size["preset"], device)
@@ -131,41 +131,6 @@ def time_prefix_lm(device, size) -> dict:
     return {"step_s": med, **{f"{b}_speedup_vs_sdpa": med["sdpa"] / med[b] for b in backends if b != "sdpa"}}
 
 
-def train_base(device, size, flops_per_step: float | None = None) -> dict:
-    """bf16 contrastive + captioning steps of the preset; given the eager run's ``flops_per_step``,
-    the same under ``torch.compile`` (the FLOPs are counted on the eager modules only)."""
-    torch.manual_seed(0)
-    steps, batch = size["train_steps"], size["train_batch"]
-    model = _model(size["preset"], device, text_embed_depth=preset_values(size["preset"])["depth"] // 2)
-    objset = build_objective_set(model, [{"name": "contrastive"}, {"name": "captioning"}]).to(device)
-    opt = torch.optim.AdamW(objset.parameters(), lr=1e-4, fused=True)
-    counter = FlopCounter(objset) if flops_per_step is None else None
-    run = objset if counter else torch.compile(objset)
-    px = _pixels(model, batch, device)
-    ids, mask = text(batch, size["text_len"], model.config.vocab_size, device)
-    batch_dict = {"pixel_values": px, "input_ids": ids, "attention_mask": mask}
-    times, flops = [], []
-    for i in range(steps):
-        sync(device)
-        start = time.perf_counter()
-        with autocast(device):
-            loss = run(batch_dict).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sync(device)
-        step_flops = counter.take_step_flops() if counter else flops_per_step
-        if i >= 5:  # warm-up (and compilation) left out
-            times.append(time.perf_counter() - start)
-            flops.append(step_flops)
-    step = sum(times) / len(times)
-    peak = device_peak_flops(device, True)
-    achieved = sum(flops) / sum(times)
-    return {"samples_per_s": batch / step, "step_s": step, "flops_per_step": flops[-1], "tflops_per_s": achieved / 1e12,
-            "mfu": achieved / peak if peak else None, "peak_tflops": peak / 1e12 if peak else None,
-            "max_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
-
-
 def _step_timer(module, loss_fn, device):
     """A closure that runs one fused-AdamW bf16 training step of ``module`` and returns its seconds."""
     opt = torch.optim.AdamW(module.parameters(), lr=1e-4, fused=True)
@@ -182,6 +147,34 @@ def _step_timer(module, loss_fn, device):
         return time.perf_counter() - start
 
     return step
+
+
+def train_base(device, size, flops_per_step: float | None = None) -> dict:
+    """bf16 contrastive + captioning steps of the preset; given the eager run's ``flops_per_step``,
+    the same under ``torch.compile`` (the FLOPs are counted on the eager modules only)."""
+    torch.manual_seed(0)
+    steps, batch = size["train_steps"], size["train_batch"]
+    model = _model(size["preset"], device, text_embed_depth=preset_values(size["preset"])["depth"] // 2)
+    objset = build_objective_set(model, [{"name": "contrastive"}, {"name": "captioning"}]).to(device)
+    counter = FlopCounter(objset) if flops_per_step is None else None
+    run = objset if counter else torch.compile(objset)
+    px = _pixels(model, batch, device)
+    ids, mask = text(batch, size["text_len"], model.config.vocab_size, device)
+    batch_dict = {"pixel_values": px, "input_ids": ids, "attention_mask": mask}
+    step = _step_timer(objset, lambda: run(batch_dict).loss, device)
+    times, flops = [], []
+    for i in range(steps):
+        seconds = step()
+        step_flops = counter.take_step_flops() if counter else flops_per_step
+        if i >= 5:  # warm-up (and compilation) left out
+            times.append(seconds)
+            flops.append(step_flops)
+    mean_s = sum(times) / len(times)
+    peak = device_peak_flops(device, True)
+    achieved = sum(flops) / sum(times)
+    return {"samples_per_s": batch / mean_s, "step_s": mean_s, "flops_per_step": flops[-1], "tflops_per_s": achieved / 1e12,
+            "mfu": achieved / peak if peak else None, "peak_tflops": peak / 1e12 if peak else None,
+            "max_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
 
 
 def _openclip_model(smoke: bool):

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The one script for a borrowed GPU (at most ~8 minutes: one run call, inside the 15-minute budget): tools/gpu_check.py's figures as JSON in
-# ${OUT:-.}/gpu_check.json, then the real trainer's figures (bench_gpu.json, and bench_fsdp2.json
+# The one script for a borrowed GPU (at most ~8 minutes, one run call inside the 15-minute budget):
+# tools/gpu_check.py's figures as JSON in ${OUT:-.}/gpu_check.json, then the real trainer's figures (bench_gpu.json, and bench_fsdp2.json
 # with two GPUs or more).
 #
 # The lent GPU machine reaches no network: its python3 has torch, transformers, timm, accelerate,

@@ -41,10 +41,9 @@ def shared_forward(model: nn.Module, batch: dict, needs: frozenset[str] | set[st
         if layers:
             out.text = backbone.final_norm(res.layer_hidden[K], res.image.shape[1])[1]  # (B, T, D)
     if "image" in needs and out.image is None:
-        out.image, out.forwards = backbone(pixel_values=pixels, layout="image").image, out.forwards + 1
+        out.image, out.forwards = model.forward_features(pixels), out.forwards + 1
     if "text" in needs and out.text is None:
-        res = backbone(input_ids=ids, attention_mask=mask, layout="text", depth=K or None)
-        out.text, out.forwards = res.text, out.forwards + 1
+        out.text, out.forwards = model.text_features(ids, mask), out.forwards + 1
     if "image_pooled" in needs:
         if out.image is None:
             out.image_pooled, out.forwards = model.pooled_image_features(pixels), out.forwards + 1
