@@ -171,3 +171,15 @@ def test_members_carry_whole_second_timestamps_and_no_pax_headers(tmp_path, mtim
     assert all(m.pax_headers == {} and isinstance(m.mtime, int) for m in members)
     if mtime is not None:
         assert {m.mtime for m in members} == {12}
+
+
+def test_synthesize_needs_no_val_path_but_rejects_a_wrong_one(tmp_path):
+    from vlpretrain.config import ConfigError, DataConfig
+    from vlpretrain.data.bootstrap import ensure_synthetic
+
+    root = tmp_path / "synth"
+    paths = {"train": str(root / "train"), "tokenizer": str(root / "tokenizer"), "synthesize": 32}
+    with pytest.raises(ConfigError, match="data.val: with data.synthesize > 0 it must be"):
+        ensure_synthetic(DataConfig(**paths, val=str(tmp_path / "elsewhere")), image_size=16, seed=0)
+    assert ensure_synthetic(DataConfig(**paths, val=None), image_size=16, seed=0) == root  # benchmarks: no val
+    assert any((root / "train").glob("*.tar")) and (root / "tokenizer").is_dir()

@@ -1,12 +1,15 @@
 """Every GPU check in one go (run by tools/gpu_check.sh on a borrowed GPU).
 
-1. Every attention backend vs ``eager`` on every layout, fp32 and bf16, outputs and gradients.
-2. ``flex`` / ``flash_attn`` vs dense-mask ``sdpa`` on ``prefix_lm`` at realistic lengths (forward +
-   backward time, interleaved A B A B).
+1. Every attention backend vs ``eager`` on every layout in bf16 (and fp32 in the smoke run), outputs
+   and gradients.
+2. ``flex`` / ``flash_attn`` vs dense-mask ``sdpa`` on ``prefix_lm`` at realistic lengths: whole
+   training steps and the attention op alone (forward + backward, interleaved A B A B), and how many
+   graphs flex compiles for eight more text lengths.
 3. A short bf16 training run of the ``base`` preset (contrastive + captioning in one pass) on
-   synthetic tensors: samples/s, TFLOP/s and MFU; last, the same under ``torch.compile``.
+   synthetic tensors: samples/s, TFLOP/s and MFU; then under ``torch.compile`` (with a profile of
+   where the GPU time goes) and under its CUDA-graph mode ``reduce-overhead``.
 4. OpenCLIP's ViT-B-16 against our ``base`` preset, contrastive only, bf16, same batch of synthetic
-   tensors, interleaved: samples/s and the ratio (ours / OpenCLIP).
+   tensors, interleaved: samples/s and the ratio (ours / OpenCLIP), eager and both compiled.
 
 Writes one JSON object of figures to the path given (and prints it). ``--smoke`` runs the same code
 on the CPU at toy sizes (seconds; its figures mean nothing): the test suite runs it so that a script
@@ -26,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vlpretrain import VLConfig, VLModel  # noqa: E402
-from vlpretrain.layers.attention import flash_attn_available  # noqa: E402
+from vlpretrain.layers.attention import AttentionLayout, attend, flash_attn_available  # noqa: E402
 from vlpretrain.models.presets import preset_values  # noqa: E402
 from vlpretrain.objectives import build_objective_set  # noqa: E402
 from vlpretrain.train.flops import FlopCounter, device_peak_flops  # noqa: E402
@@ -36,10 +39,12 @@ CASES = [("image", True), ("text", True), ("text", False), ("prefix_lm", True), 
 
 
 # sizes of the real run (GPU) and of the CPU smoke run
-FULL = {"equiv_preset": "tiny", "preset": "base", "prefix_batch": 32, "text_len": 64,
-        "train_batch": 128, "train_steps": 30, "timing_steps": 10, "clip_batch": 128, "clip_rounds": 4, "clip_steps": 5}
-SMOKE = {"equiv_preset": "debug", "preset": "debug", "prefix_batch": 2, "text_len": 12,
-         "train_batch": 4, "train_steps": 7, "timing_steps": 1, "clip_batch": 4, "clip_rounds": 1, "clip_steps": 1}
+FULL = {"equiv_preset": "tiny", "equiv_dtypes": (torch.bfloat16,), "preset": "base", "prefix_batch": 32, "text_len": 64,
+        "op_lengths": ((197, 64), (577, 128)), "op_heads": 12, "train_batch": 128, "train_steps": 30, "timing_steps": 10,
+        "clip_batch": 128, "clip_rounds": 4, "clip_steps": 5}
+SMOKE = {"equiv_preset": "debug", "equiv_dtypes": (torch.float32, torch.bfloat16), "preset": "debug", "prefix_batch": 2,
+         "text_len": 12, "op_lengths": ((17, 12),), "op_heads": 2, "train_batch": 4, "train_steps": 7, "timing_steps": 1,
+         "clip_batch": 4, "clip_rounds": 1, "clip_steps": 1}
 
 
 def sync(device) -> None:
@@ -76,7 +81,7 @@ def backend_equivalence(device, size) -> dict:
     ids, mask = text(4, min(40, model.config.max_text_len), model.config.vocab_size, device)
     out = {}
     backends = ["sdpa", "flex"] + (["flash_attn"] if flash_attn_available() else [])
-    for dtype in (torch.float32, torch.bfloat16):
+    for dtype in size["equiv_dtypes"]:  # (fp32 on the GPU: all within 1.2e-4 on 2026-11-27, H200)
         for layout, causal in CASES:
             def run(backend, layout=layout, causal=causal, dtype=dtype):
                 model.zero_grad(set_to_none=True)
@@ -105,6 +110,10 @@ def backend_equivalence(device, size) -> dict:
 
 
 def time_prefix_lm(device, size) -> dict:
+    """Whole training steps, then the attention op alone at two lengths: the first length on flex's freshly
+    compiled static kernel, the second on the dynamic-shape kernel compilation switches to (what varied
+    text lengths get); last, how many graphs eight more lengths cost."""
+    torch._dynamo.reset()
     torch.manual_seed(0)
     model = _model(size["preset"], device)
     px = _pixels(model, size["prefix_batch"], device)
@@ -128,7 +137,50 @@ def time_prefix_lm(device, size) -> dict:
         for b in backends:  # interleaved
             times[b].append(once(b))
     med = {b: sorted(t)[len(t) // 2] for b, t in times.items()}
-    return {"step_s": med, **{f"{b}_speedup_vs_sdpa": med["sdpa"] / med[b] for b in backends if b != "sdpa"}}
+    return {"step_s": med, **{f"{b}_speedup_vs_sdpa": med["sdpa"] / med[b] for b in backends if b != "sdpa"},
+            "attention_only": {f"{n_img}+{n_txt}": _time_attention(device, size, n_img, n_txt, backends)
+                               for n_img, n_txt in size["op_lengths"]},
+            "flex_graphs_for_8_text_lengths": _flex_graphs_over_lengths(device, size) if device.type == "cuda" else None}
+
+
+def _time_attention(device, size, n_img, n_txt, backends) -> dict:
+    """The attention op alone (forward + backward, bf16) on a padded ``prefix_lm`` batch, interleaved."""
+    batch, heads = size["prefix_batch"], size["op_heads"]
+    valid = torch.arange(n_txt, device=device)[None] < torch.randint(n_txt // 2, n_txt + 1, (batch, 1), device=device)
+    layout = AttentionLayout("prefix_lm", n_img, n_txt, text_valid=valid)
+    qkv = [torch.randn(batch, heads, n_img + n_txt, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
+           for _ in range(3)]
+    grad = torch.randn_like(qkv[0])
+
+    def once(backend):
+        sync(device)
+        start = time.perf_counter()
+        attend(*qkv, layout, 0, backend).backward(grad)
+        sync(device)
+        return time.perf_counter() - start
+
+    for b in backends:  # warm-up (compiles flex)
+        once(b)
+    times = {b: [] for b in backends}
+    for _ in range(3 * size["timing_steps"]):
+        for b in backends:
+            times[b].append(once(b))
+    if not size["timing_steps"]:
+        return {}
+    med = {b: sorted(t)[len(t) // 2] for b, t in times.items()}
+    return {"ms": {b: 1e3 * t for b, t in med.items()},
+            **{f"{b}_speedup_vs_sdpa": med["sdpa"] / med[b] for b in backends if b != "sdpa"}}
+
+
+def _flex_graphs_over_lengths(device, size) -> int:
+    """Graphs dynamo compiles for flex over 8 new text lengths (padding to the batch's longest caption makes
+    the length vary per batch): a few, not one per length, else flex falls back to its unfused path."""
+    from torch._dynamo.utils import counters
+
+    before = counters["stats"]["unique_graphs"]
+    for n_txt in range(24, 64, 5):
+        _time_attention(device, {**size, "timing_steps": 0}, 197, n_txt, ["sdpa", "flex"])
+    return counters["stats"]["unique_graphs"] - before
 
 
 def _step_timer(module, loss_fn, device):
@@ -138,6 +190,7 @@ def _step_timer(module, loss_fn, device):
     def step() -> float:
         sync(device)
         start = time.perf_counter()
+        torch.compiler.cudagraph_mark_step_begin()  # a new iteration for CUDA graphs (reduce-overhead mode)
         with autocast(device):
             loss = loss_fn()
         loss.backward()
@@ -149,15 +202,17 @@ def _step_timer(module, loss_fn, device):
     return step
 
 
-def train_base(device, size, flops_per_step: float | None = None) -> dict:
+def train_base(device, size, flops_per_step: float | None = None, profile: bool = False,
+               mode: str | None = None) -> dict:
     """bf16 contrastive + captioning steps of the preset; given the eager run's ``flops_per_step``,
-    the same under ``torch.compile`` (the FLOPs are counted on the eager modules only)."""
+    the same under ``torch.compile`` in ``mode`` (the FLOPs are counted on the eager modules only).
+    ``profile`` adds where the GPU time of three more steps goes."""
     torch.manual_seed(0)
     steps, batch = size["train_steps"], size["train_batch"]
     model = _model(size["preset"], device, text_embed_depth=preset_values(size["preset"])["depth"] // 2)
     objset = build_objective_set(model, [{"name": "contrastive"}, {"name": "captioning"}]).to(device)
     counter = FlopCounter(objset) if flops_per_step is None else None
-    run = objset if counter else torch.compile(objset)
+    run = objset if counter else torch.compile(objset, mode=mode)
     px = _pixels(model, batch, device)
     ids, mask = text(batch, size["text_len"], model.config.vocab_size, device)
     batch_dict = {"pixel_values": px, "input_ids": ids, "attention_mask": mask}
@@ -172,9 +227,42 @@ def train_base(device, size, flops_per_step: float | None = None) -> dict:
     mean_s = sum(times) / len(times)
     peak = device_peak_flops(device, True)
     achieved = sum(flops) / sum(times)
-    return {"samples_per_s": batch / mean_s, "step_s": mean_s, "flops_per_step": flops[-1], "tflops_per_s": achieved / 1e12,
-            "mfu": achieved / peak if peak else None, "peak_tflops": peak / 1e12 if peak else None,
-            "max_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
+    return {"compile_mode": mode, "samples_per_s": batch / mean_s, "step_s": mean_s, "flops_per_step": flops[-1],
+            "tflops_per_s": achieved / 1e12, "mfu": achieved / peak if peak else None,
+            "peak_tflops": peak / 1e12 if peak else None,
+            "max_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+            **({"gpu_time": _gpu_time_profile(step, device)} if profile else {})}
+
+
+KERNEL_KINDS = (("gemm", ("gemm", "cutlass", "nvjet", "xmma", "matmul")), ("attention", ("fmha", "attention", "flash", "flex")),
+                ("fused_triton", ("triton",)), ("optimizer", ("adam", "multi_tensor")))
+
+
+def _gpu_time_profile(step, device, steps: int = 3) -> dict:
+    """Kernel time of ``steps`` steps by kind (GEMM, attention, Triton-fused, optimiser, other), the top
+    kernels, and the share of wall time the GPU was busy."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+    wall_us = (time.perf_counter() - start) * 1e6
+    kernels: dict[str, float] = {}
+    for evt in prof.events():
+        if evt.device_type != torch.autograd.DeviceType.CPU:
+            kernels[evt.name] = kernels.get(evt.name, 0.0) + evt.time_range.elapsed_us()
+    total = sum(kernels.values()) or 1.0
+    kinds = {kind: 0.0 for kind, _ in KERNEL_KINDS} | {"other": 0.0}
+    for name, us in kernels.items():
+        low = name.lower()
+        kind = next((k for k, words in KERNEL_KINDS if any(w in low for w in words)), "other")
+        kinds[kind] += us / total
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:10]
+    return {"gpu_busy_frac": total / wall_us, "share": kinds,
+            "top_kernels": [{"name": n[:90], "share": us / total} for n, us in top]}
 
 
 def _openclip_model(smoke: bool):
@@ -188,14 +276,16 @@ def _openclip_model(smoke: bool):
     return CLIP(embed_dim=64, vision_cfg=vision, text_cfg={"context_length": 77, "width": 64, "heads": 2, "layers": 2})
 
 
-def openclip_ratio(device, size) -> dict:
-    """Our preset (contrastive) vs OpenCLIP ViT-B-16 (CLIP loss), interleaved A B A B."""
+def openclip_ratio(device, size, compiled: bool = False) -> dict:
+    """Our preset (contrastive) vs OpenCLIP ViT-B-16 (CLIP loss), interleaved A B A B; ``compiled``: each
+    side under ``torch.compile`` (OpenCLIP's trainer has it as ``--torchcompile``)."""
     import open_clip
 
     torch.manual_seed(0)
     smoke = size is SMOKE
     ours = build_objective_set(_model(size["preset"], device), [{"name": "contrastive"}]).to(device)
     theirs = _openclip_model(smoke).to(device)
+    run_ours, run_theirs = (torch.compile(ours), torch.compile(theirs)) if compiled else (ours, theirs)
     clip_loss = open_clip.ClipLoss()
     n, length = size["clip_batch"], size["text_len"]
     px = _pixels(ours.model, n, device)
@@ -207,20 +297,20 @@ def openclip_ratio(device, size) -> dict:
     ids = ids.clamp(max=ours.model.config.vocab_size - 1)
 
     def their_loss():
-        img, txt, scale = theirs(px, oc_ids)[:3]
+        img, txt, scale = run_theirs(px, oc_ids)[:3]
         return clip_loss(img, txt, scale)
 
     batch = {"pixel_values": px, "input_ids": ids, "attention_mask": mask}
-    steppers = {"vlpretrain": _step_timer(ours, lambda: ours(batch).loss, device),
+    steppers = {"vlpretrain": _step_timer(ours, lambda: run_ours(batch).loss, device),
                 "openclip": _step_timer(theirs, their_loss, device)}
-    for step in steppers.values():  # warm-up
-        step(), step()
+    for step in steppers.values():  # warm-up (and compilation)
+        step(), step(), step()
     times = {k: [] for k in steppers}
     for _ in range(size["clip_rounds"]):
         for name, step in steppers.items():
             times[name] += [step() for _ in range(size["clip_steps"])]
     med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-    return {"batch": n, "samples_per_s": {k: n / v for k, v in med.items()},
+    return {"batch": n, "compiled": compiled, "samples_per_s": {k: n / v for k, v in med.items()},
             "ratio_vs_openclip": med["openclip"] / med["vlpretrain"],
             "note": "ours: shared 768-wide backbone, text 64 tokens; OpenCLIP: ViT-B/16 + 512-wide text tower, 77 tokens"}
 
@@ -234,11 +324,17 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cpu" if args.smoke else "cuda")
     figures = {"device": "cpu (smoke)" if args.smoke else torch.cuda.get_device_name(0), "torch": torch.__version__,
                "flash_attn": flash_attn_available()}
+    def compiled_base(mode):  # the FLOPs of the eager run (the counter sees no compiled kernels)
+        return lambda device, size: train_base(device, size, figures["train_base_bf16"]["flops_per_step"],
+                                               mode=mode, profile=True)
+
     sections = [("equivalence", backend_equivalence), ("prefix_lm_timing", time_prefix_lm),
                 ("train_base_bf16", train_base), ("openclip_vit_b16", openclip_ratio)]
-    if not args.smoke:  # last: compiling the base model takes the longest (a minute or more)
-        sections.append(("train_base_bf16_compiled", lambda device, size: train_base(
-            device, size, flops_per_step=figures["train_base_bf16"]["flops_per_step"])))
+    if not args.smoke:  # compiling the base model takes the longest (a minute or more each)
+        # (flex under compile measured 0.58x of sdpa on 2026-11-27, H200: cuDNN serves the dense mask)
+        sections += [("train_base_bf16_compiled", compiled_base(None)),
+                     ("train_base_bf16_cudagraphs", compiled_base("reduce-overhead")),
+                     ("openclip_vit_b16_compiled", lambda device, size: openclip_ratio(device, size, compiled=True))]
     for name, fn in sections:
         try:
             figures[name] = fn(device, size)

@@ -23,17 +23,18 @@ fi
 OUT=${OUT:-.}
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || { echo "no GPU"; exit 1; }
 if [ -d .gpu_wheels ]; then  # offline: only what the machine lacks, from the carried wheels
-  "$PY" -m pip install -q --no-index --no-deps .gpu_wheels/*.whl 2>&1 | tail -2
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/gpu_site .gpu_wheels/*.whl 2>&1 | tail -2
+  export PYTHONPATH=/tmp/gpu_site
 else
   "$PY" -m pip install -q -e ".[dev]" 2>&1 | tail -2
   "$PY" -m pip install -q flash-attn --no-build-isolation 2>&1 | tail -1 || echo "flash-attn unavailable; its rows are skipped"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 "$PY" -c "import vlpretrain, omegaconf, webdataset, open_clip, torch; print('torch', torch.__version__)" || exit 1
-timeout 330 "$PY" tools/gpu_check.py "$OUT/gpu_check.json"
+PYTHONUNBUFFERED=1 timeout 360 "$PY" tools/gpu_check.py "$OUT/gpu_check.json"
 # the real trainer on the GPU (data pipeline, loop, logging): one JSON line of figures
 BENCH="--config configs/coca-base.yaml data.synthesize=4000 data.num_workers=8 train.steps=40 train.batch_size=128 train.precision=bf16"
-timeout 150 "$PY" tools/bench.py $BENCH > "$OUT/bench_gpu.json" || echo "bench.py failed"
+timeout 100 "$PY" tools/bench.py $BENCH > "$OUT/bench_gpu.json" || echo "bench.py failed"
 # two or more GPUs: the same under FSDP (2 processes), world size taken from the figures
 if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
   timeout 180 "$PY" -m accelerate.commands.launch --config_file configs/accelerate/fsdp-8gpu.yaml --num_processes 2 \

@@ -73,7 +73,9 @@ def _to_hf_tokenizer(spm_model: Path):
     for name, idx in SPECIAL_IDS.items():
         if vocab.get(SPECIAL_TOKENS[name]) != idx:
             raise RuntimeError(f"SentencePiece did not put {SPECIAL_TOKENS[name]} at id {idx}.")
-    merges = generate_merges(vocab)  # the BPE merges implied by the piece order (as transformers does)
+    # the BPE merges implied by the piece order (as transformers does); vocab_scores=None is spelled out:
+    # transformers <= 5.17 has no default for it (seen on the GPU machine's 5.17: TypeError)
+    merges = generate_merges(vocab, None)
     tok = Tokenizer(models.BPE(vocab, merges, unk_token=SPECIAL_TOKENS["unk_token"], fuse_unk=True))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")

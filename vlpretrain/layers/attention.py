@@ -79,7 +79,7 @@ class AttentionLayout:
             self.text_valid = self.text_valid.bool()
             if self.text_valid.dim() != 2 or self.text_valid.shape[1] != self.n_text:
                 raise ValueError(f"text_valid must have shape (B, {self.n_text}), got {tuple(self.text_valid.shape)}.")
-            if bool(self.text_valid.all()):
+            if not torch.compiler.is_compiling() and bool(self.text_valid.all()):  # (a host sync: not in graphs)
                 self.text_valid = None  # nothing padded: masks without a batch dimension
 
     @property
@@ -206,8 +206,8 @@ def _flex(q, k, v, block_mask):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return flex_attention(q, k, v, block_mask=block_mask)
-    if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    if _compiled_flex is None:  # automatic dynamic shapes: one static kernel, then one for every text length
+        _compiled_flex = torch.compile(flex_attention)  # (dynamic=False recompiled per length, then ran unfused)
     return _compiled_flex(q, k, v, block_mask=block_mask)
 
 

@@ -142,7 +142,9 @@ class VLBackbone(nn.Module):
         if offset + input_ids.shape[1] > c.max_text_len:
             raise ValueError(f"input_ids has {offset + input_ids.shape[1]} positions; the model's "
                              f"max_text_len is {c.max_text_len} (truncate the text).")
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= c.vocab_size):
+        # the id range costs a host sync: checked in eager runs, not inside torch.compile's graphs
+        if input_ids.numel() and not torch.compiler.is_compiling() and (
+                int(input_ids.min()) < 0 or int(input_ids.max()) >= c.vocab_size):
             raise ValueError(f"input_ids holds ids in [{int(input_ids.min())}, {int(input_ids.max())}]; "
                              f"expected 0 <= id < vocab_size={c.vocab_size} (does the tokenizer match?).")
         if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):

@@ -75,7 +75,14 @@ class Contrastive(CoupledObjective):
         return {"logit_scale", "logit_bias"} if self.logit_bias is not None else {"logit_scale"}
 
     def scale(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """s = exp(t) in ``dtype``, t clamped to ln(max_logit_scale); a non-finite t is a clear error."""
+        """s = exp(t) in ``dtype``, t clamped to ln(max_logit_scale); a non-finite t is a clear error.
+
+        Inside torch.compile's graphs the clamp stays on the device and the check is left out (both read t
+        on the host: a sync that splits the graph); the trainer's non-finite loss count still stops a run."""
+        if torch.compiler.is_compiling():
+            with torch.no_grad():
+                self.logit_scale.clamp_(max=self.max_log_scale)
+            return self.logit_scale.to(dtype).exp()
         t = float(self.logit_scale.detach())
         if not math.isfinite(t) or (self.logit_bias is not None and not math.isfinite(float(self.logit_bias.detach()))):
             raise self.error(f"the learnable logit scale (t = {t}) or bias is not finite, so training diverged",

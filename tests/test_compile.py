@@ -1,0 +1,35 @@
+"""``train.compile``: the objective set under torch.compile traces as one graph (no host sync splits it)
+and gives the eager loss and gradients; the logit-scale clamp acts on the parameter inside the graph too.
+Dynamo and AOTAutograd are what is checked (the ``aot_eager`` backend: no code generation, seconds)."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from objectives_support import grads_of, make_model, max_grad_diff, random_batch
+from torch._dynamo.utils import counters
+
+from vlpretrain.objectives import build_objective_set
+
+
+def test_compiled_objectives_are_one_graph_with_eager_losses_and_gradients():
+    torch._dynamo.reset()
+    counters.clear()
+    eager = build_objective_set(make_model(text_embed_depth=1), [{"name": "contrastive"}, {"name": "captioning"}])
+    twin = copy.deepcopy(eager)
+    for module in (eager, twin):  # above the clamp: each run must clamp the parameter itself
+        with torch.no_grad():
+            module.objectives["contrastive"].logit_scale.fill_(math.log(500.0))
+    compiled = torch.compile(twin, backend="aot_eager")
+    batch = random_batch(batch=4)
+    want, got = eager(batch), compiled(batch)
+    want.loss.backward()
+    got.loss.backward()
+    assert dict(counters["graph_break"]) == {} and counters["stats"]["unique_graphs"] == 1
+    assert torch.allclose(got.loss, want.loss, rtol=1e-5, atol=1e-6)
+    worst, where = max_grad_diff(grads_of(twin), grads_of(eager))
+    assert worst < 1e-5, f"gradients differ by {worst} at {where}"
+    for module in (eager, twin):
+        assert abs(float(module.objectives["contrastive"].logit_scale.detach()) - math.log(100.0)) < 1e-6
