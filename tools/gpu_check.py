@@ -110,6 +110,25 @@ def backend_equivalence(device, size) -> dict:
     return out
 
 
+def interleaved_medians(device, runs: dict, rounds: int) -> dict[str, float]:
+    """Median seconds of each callable in ``runs``: one warm-up call each (compilation), then ``rounds``
+    rounds A B A B (empty when ``rounds`` is 0)."""
+    def timed(fn) -> float:
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        return time.perf_counter() - start
+
+    for fn in runs.values():
+        timed(fn)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, fn in runs.items():
+            times[name].append(timed(fn))
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()} if rounds else {}
+
+
 def time_prefix_lm(device, size) -> dict:
     """Whole training steps, then the attention op alone at two lengths: the first length on flex's freshly
     compiled static kernel, the second on the dynamic-shape kernel compilation switches to (what varied
@@ -120,24 +139,14 @@ def time_prefix_lm(device, size) -> dict:
     px = _pixels(model, size["prefix_batch"], device)
     ids, mask = text(size["prefix_batch"], size["text_len"], model.config.vocab_size, device)
     backends = ["sdpa", "flex"] + (["flash_attn"] if flash_attn_available() else [])
-    times = {b: [] for b in backends}
 
-    def once(backend):
+    def step(backend):
         model.set_attn_backend(backend)
-        sync(device)
-        start = time.perf_counter()
         with autocast(device):
             out = model(pixel_values=px, input_ids=ids, attention_mask=mask, labels=ids)
         out.loss.backward()
-        sync(device)
-        return time.perf_counter() - start
 
-    for b in backends:  # warm-up (compiles flex)
-        once(b)
-    for _ in range(size["timing_steps"]):
-        for b in backends:  # interleaved
-            times[b].append(once(b))
-    med = {b: sorted(t)[len(t) // 2] for b, t in times.items()}
+    med = interleaved_medians(device, {b: (lambda b=b: step(b)) for b in backends}, size["timing_steps"])
     return {"step_s": med, **{f"{b}_speedup_vs_sdpa": med["sdpa"] / med[b] for b in backends if b != "sdpa"},
             "attention_only": {f"{n_img}+{n_txt}{'' if cross else ' not crossing'}": _time_attention(
                 device, size, n_img, n_txt, backends, cross) for n_img, n_txt in size["op_lengths"] for cross in (True, False)},
@@ -173,23 +182,10 @@ def _time_attention(device, size, n_img, n_txt, backends, cross: bool = True) ->
     variants["sdpa_split"] = lambda: _split_sdpa(*qkv, layout, 0)
     with torch.no_grad():
         split_err = (variants["sdpa_split"]().float() - variants["sdpa"]().float()).abs().max().item()
-
-    def once(name):
-        sync(device)
-        start = time.perf_counter()
-        variants[name]().backward(grad)
-        sync(device)
-        return time.perf_counter() - start
-
-    for name in variants:  # warm-up (compiles flex)
-        once(name)
-    times = {name: [] for name in variants}
-    for _ in range(3 * size["timing_steps"]):
-        for name in variants:
-            times[name].append(once(name))
-    if not size["timing_steps"]:
+    med = interleaved_medians(device, {name: (lambda fn=fn: fn().backward(grad)) for name, fn in variants.items()},
+                              3 * size["timing_steps"])
+    if not med:
         return {}
-    med = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
     return {"ms": {name: 1e3 * t for name, t in med.items()}, "sdpa_split_max_abs_diff": split_err,
             **{f"{name}_speedup_vs_sdpa": med["sdpa"] / med[name] for name in variants if name != "sdpa"}}
 

@@ -206,8 +206,9 @@ def _flex(q, k, v, block_mask):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return flex_attention(q, k, v, block_mask=block_mask)
-    if _compiled_flex is None:  # automatic dynamic shapes: one static kernel, then one for every text length
-        _compiled_flex = torch.compile(flex_attention)  # (dynamic=False recompiled per length, then ran unfused)
+    if _compiled_flex is None:  # automatic dynamic shapes: a static kernel for the first length, then one
+        _compiled_flex = torch.compile(flex_attention)  # dynamic kernel for all others (dynamic=False
+        # recompiled per length, hit dynamo's recompile limit and then ran flex unfused)
     return _compiled_flex(q, k, v, block_mask=block_mask)
 
 
