@@ -39,6 +39,16 @@ def test_figures_are_time_weighted_over_the_steps_after_warmup():
         _bench_module().summarise(records, warmup=3)
 
 
+def test_log_windows_weigh_by_their_steps_and_warmup_drops_whole_windows():
+    window = {"samples_per_s": 10.0, "tokens_per_s": 100.0, "data_wait_frac": 0.0, "loss": 1.0}
+    records = [{**window, "step": 4, "step_time_s": 5.0},  # steps 1-4: straddles the warm-up
+               {**window, "step": 8, "step_time_s": 1.0, "samples_per_s": 64.0},  # steps 5-8: 4 s
+               {**window, "step": 10, "step_time_s": 2.0, "samples_per_s": 16.0}]  # steps 9-10: 4 s
+    figures = _bench_module().summarise(records, warmup=2)
+    assert figures["steps_timed"] == 6
+    assert figures["samples_per_s"] == pytest.approx((64 * 4 + 16 * 4) / 8)
+
+
 @pytest.mark.slow
 def test_bench_runs_the_real_trainer_and_prints_one_json_line(synth_root, tmp_path):
     overrides = train_overrides(synth_root, tmp_path / "ignored", "train.steps=3", "train.batch_size=8")

@@ -1,13 +1,14 @@
 """Training throughput of vlpretrain's real trainer: one JSON line of figures.
 
-    python tools/bench.py --config FILE [--warmup 10] [--eval] [key=value ...]
+    python tools/bench.py --config FILE [--warmup 10] [--log-every 1] [--eval] [key=value ...]
 
 Runs ``vlpretrain.train.loop.train`` in this process on the config (``train.steps`` steps, logged
 every step; no checkpoints but the final one, no export, no evaluation unless ``--eval``) and
 reports, over the steps after the first ``--warmup``:
 
 - ``samples_per_s``, ``tokens_per_s`` (image tokens + real caption tokens), ``step_p50_s``/``step_p90_s``
-  (wall time of a step, data wait included), ``data_wait_frac``;
+  (wall time of a step, data wait included; the mean of each log window with ``--log-every N``),
+  ``data_wait_frac``;
 - ``tflops_per_s`` and ``mfu`` (model FLOPs counted from the shapes that ran; the peak is the GPU's
   table value or this CPU's measured matmul rate, see ``vlpretrain.train.flops``);
 - ``peak_rss_mb`` (this process's high-water mark), ``peak_rss_workers_mb`` (the largest data
@@ -35,24 +36,30 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def summarise(records: list[dict], warmup: int) -> dict:
-    """Figures over the per-step training records after the first ``warmup`` steps."""
+    """Figures over the training records (one per log window of ``train.log_every`` steps) whose steps all
+    come after the first ``warmup``; each record weighs by its window's time."""
     steps = [r for r in records if "step_time_s" in r and not any(k.startswith("eval/") for k in r)]
-    timed = steps[warmup:]
+    windows, previous = [], 0
+    for r in steps:
+        windows.append((r, r["step"] - previous))
+        previous = r["step"]
+    timed = [r for r, n in windows if r["step"] - n >= warmup]
+    weight = {id(r): r["step_time_s"] * n for r, n in windows}  # the window's seconds
     if not timed:
-        raise SystemExit(f"only {len(steps)} step(s) ran; raise train.steps above --warmup={warmup}.")
-    total = sum(r["step_time_s"] for r in timed)
+        raise SystemExit(f"only {previous} step(s) ran; raise train.steps above --warmup={warmup}.")
+    total = sum(weight[id(r)] for r in timed)
     out = {
-        "steps_timed": len(timed),
-        "samples_per_s": sum(r["samples_per_s"] * r["step_time_s"] for r in timed) / total,
-        "tokens_per_s": sum(r["tokens_per_s"] * r["step_time_s"] for r in timed) / total,
+        "steps_timed": sum(n for r, n in windows if r in timed),
+        "samples_per_s": sum(r["samples_per_s"] * weight[id(r)] for r in timed) / total,
+        "tokens_per_s": sum(r["tokens_per_s"] * weight[id(r)] for r in timed) / total,
         "step_p50_s": percentile([r["step_time_s"] for r in timed], 50),
         "step_p90_s": percentile([r["step_time_s"] for r in timed], 90),
-        "data_wait_frac": sum(r["data_wait_frac"] * r["step_time_s"] for r in timed) / total,
+        "data_wait_frac": sum(r["data_wait_frac"] * weight[id(r)] for r in timed) / total,
         "final_loss": steps[-1]["loss"],
     }
     if all("tflops_per_s" in r for r in timed):
-        out["tflops_per_s"] = sum(r["tflops_per_s"] * r["step_time_s"] for r in timed) / total
-        out["mfu"] = sum(r["mfu"] * r["step_time_s"] for r in timed) / total
+        out["tflops_per_s"] = sum(r["tflops_per_s"] * weight[id(r)] for r in timed) / total
+        out["mfu"] = sum(r["mfu"] * weight[id(r)] for r in timed) / total
     return out
 
 
@@ -60,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="experiment YAML")
     parser.add_argument("--warmup", type=int, default=10, help="first steps left out of the figures (default 10)")
+    parser.add_argument("--log-every", type=int, default=1,
+                        help="train.log_every (default 1): the trainer reads the device on the host at log steps "
+                             "only, so on a GPU a larger value measures the loop as it runs unobserved")
     parser.add_argument("--eval", action="store_true", help="evaluate on data.val after the last step")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_args(argv)
@@ -71,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     from vlpretrain.train.metrics import read_metrics
 
     with tempfile.TemporaryDirectory(prefix="vlpretrain-bench-") as tmp:
-        fixed = [f"run.dir={tmp}/run", "train.log_every=1", "train.ckpt_every=0", "train.export=false",
+        fixed = [f"run.dir={tmp}/run", f"train.log_every={args.log_every}", "train.ckpt_every=0", "train.export=false",
                  "train.resume=null", "train.trackers=[]", "eval.every=0"]
         if not args.eval:
             fixed.append("data.val=null")

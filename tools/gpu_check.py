@@ -41,11 +41,11 @@ CASES = [("image", True), ("text", True), ("text", False), ("prefix_lm", True), 
 
 # sizes of the real run (GPU) and of the CPU smoke run
 FULL = {"equiv_preset": "tiny", "equiv_dtypes": (torch.bfloat16,), "preset": "base", "prefix_batch": 32, "text_len": 64,
-        "op_lengths": ((197, 64), (577, 128)), "op_heads": 12, "train_batch": 128, "train_steps": 30, "timing_steps": 10,
-        "clip_batch": 128, "clip_rounds": 4, "clip_steps": 5}
+        "op_lengths": ((197, 64), (577, 128)), "op_heads": 12, "train_batch": 128, "train_steps": 30,
+        "train_window": 5, "timing_steps": 10, "clip_batch": 128, "clip_rounds": 6, "clip_steps": 5}
 SMOKE = {"equiv_preset": "debug", "equiv_dtypes": (torch.float32, torch.bfloat16), "preset": "debug", "prefix_batch": 2,
-         "text_len": 12, "op_lengths": ((17, 12),), "op_heads": 2, "train_batch": 4, "train_steps": 7, "timing_steps": 1,
-         "clip_batch": 4, "clip_rounds": 1, "clip_steps": 1}
+         "text_len": 12, "op_lengths": ((17, 12),), "op_heads": 2, "train_batch": 4, "train_steps": 7,
+         "train_window": 2, "timing_steps": 1, "clip_batch": 4, "clip_rounds": 1, "clip_steps": 1}
 
 
 def sync(device) -> None:
@@ -202,22 +202,25 @@ def _flex_graphs_over_lengths(device, size) -> int:
 
 
 def _step_timer(module, loss_fn, device):
-    """A closure that runs one fused-AdamW bf16 training step of ``module`` and returns its seconds."""
+    """A closure ``run(n)`` that runs ``n`` fused-AdamW bf16 training steps of ``module`` and returns seconds
+    per step. The device is synchronised only before the first and after the last step, as in a training
+    loop that reads nothing on the host in between: the host queues step i+1 while the GPU runs step i."""
     opt = torch.optim.AdamW(module.parameters(), lr=1e-4, fused=True)
 
-    def step() -> float:
+    def run(n: int = 1) -> float:
         sync(device)
         start = time.perf_counter()
-        torch.compiler.cudagraph_mark_step_begin()  # a new iteration for CUDA graphs (reduce-overhead mode)
-        with autocast(device):
-            loss = loss_fn()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        for _ in range(n):
+            torch.compiler.cudagraph_mark_step_begin()  # a new iteration for CUDA graphs (reduce-overhead mode)
+            with autocast(device):
+                loss = loss_fn()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         sync(device)
-        return time.perf_counter() - start
+        return (time.perf_counter() - start) / n
 
-    return step
+    return run
 
 
 def train_base(device, size, flops_per_step: float | None = None, profile: bool = False,
@@ -234,39 +237,39 @@ def train_base(device, size, flops_per_step: float | None = None, profile: bool 
     px = _pixels(model, batch, device)
     ids, mask = text(batch, size["text_len"], model.config.vocab_size, device)
     batch_dict = {"pixel_values": px, "input_ids": ids, "attention_mask": mask}
-    step = _step_timer(objset, lambda: run(batch_dict).loss, device)
-    times, flops = [], []
-    for i in range(steps):
-        seconds = step()
-        step_flops = counter.take_step_flops() if counter else flops_per_step
-        if i >= 5:  # warm-up (and compilation) left out
-            times.append(seconds)
-            flops.append(step_flops)
+    steps_of = _step_timer(objset, lambda: run(batch_dict).loss, device)
+    for _ in range(5):  # warm-up (and compilation) left out
+        steps_of(1)
+    if counter:
+        counter.take_step_flops()
+    window = size["train_window"]
+    times = [steps_of(window) for _ in range((steps - 5) // window)]  # seconds per step of each window
+    step_flops = counter.take_step_flops() / (window * len(times)) if counter else flops_per_step
     mean_s = sum(times) / len(times)
     peak = device_peak_flops(device, True)
-    achieved = sum(flops) / sum(times)
-    return {"compile_mode": mode, "samples_per_s": batch / mean_s, "step_s": mean_s, "flops_per_step": flops[-1],
+    achieved = step_flops / mean_s
+    return {"compile_mode": mode, "samples_per_s": batch / mean_s, "step_s": mean_s, "flops_per_step": step_flops,
+            "synced_every_steps": window,
             "tflops_per_s": achieved / 1e12, "mfu": achieved / peak if peak else None,
             "peak_tflops": peak / 1e12 if peak else None,
             "max_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
-            **({"gpu_time": _gpu_time_profile(step, device)} if profile else {})}
+            **({"gpu_time": _gpu_time_profile(steps_of, device)} if profile else {})}
 
 
 KERNEL_KINDS = (("gemm", ("gemm", "cutlass", "nvjet", "xmma", "matmul")), ("attention", ("fmha", "attention", "flash", "flex")),
                 ("fused_triton", ("triton",)), ("optimizer", ("adam", "multi_tensor")))
 
 
-def _gpu_time_profile(step, device, steps: int = 3) -> dict:
-    """Kernel time of ``steps`` steps by kind (GEMM, attention, Triton-fused, optimiser, other), the top
-    kernels, and the share of wall time the GPU was busy."""
+def _gpu_time_profile(steps_of, device, steps: int = 3) -> dict:
+    """Kernel time of ``steps`` steps (``steps_of(n)``, one window) by kind (GEMM, attention, Triton-fused,
+    optimiser, other), the top kernels, and the share of wall time the GPU was busy."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sync(device)
     start = time.perf_counter()
     with profile(activities=activities) as prof:
-        for _ in range(steps):
-            step()
+        steps_of(steps)
     wall_us = (time.perf_counter() - start) * 1e6
     kernels: dict[str, float] = {}
     for evt in prof.events():
@@ -321,12 +324,12 @@ def openclip_ratio(device, size, compiled: bool = False) -> dict:
     batch = {"pixel_values": px, "input_ids": ids, "attention_mask": mask}
     steppers = {"vlpretrain": _step_timer(ours, lambda: run_ours(batch).loss, device),
                 "openclip": _step_timer(theirs, their_loss, device)}
-    for step in steppers.values():  # warm-up (and compilation)
-        step(), step(), step()
+    for steps_of in steppers.values():  # warm-up (and compilation)
+        steps_of(3)
     times = {k: [] for k in steppers}
-    for _ in range(size["clip_rounds"]):
-        for name, step in steppers.items():
-            times[name] += [step() for _ in range(size["clip_steps"])]
+    for _ in range(size["clip_rounds"]):  # A B A B, each a window of clip_steps steps
+        for name, steps_of in steppers.items():
+            times[name].append(steps_of(size["clip_steps"]))
     med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
     return {"batch": n, "compiled": compiled, "samples_per_s": {k: n / v for k, v in med.items()},
             "ratio_vs_openclip": med["openclip"] / med["vlpretrain"],

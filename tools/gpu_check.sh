@@ -35,7 +35,8 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 "$PY" -c "import vlpretrain, omegaconf, webdataset, open_clip, torch; print('torch', torch.__version__)" || exit 1
 PYTHONUNBUFFERED=1 timeout 420 "$PY" tools/gpu_check.py "$OUT/gpu_check.json"
 # the real trainer on the GPU (data pipeline, loop, logging): one JSON line of figures
-BENCH="--config configs/coca-base.yaml data.synthesize=4000 data.num_workers=8 train.steps=40 train.batch_size=128 train.precision=bf16"
+# (logged every 5 steps: the loop reads the device on the host at log steps only)
+BENCH="--config configs/coca-base.yaml --log-every 5 data.synthesize=4000 data.num_workers=8 train.steps=40 train.batch_size=128 train.precision=bf16"
 timeout 100 "$PY" tools/bench.py $BENCH > "$OUT/bench_gpu.json" || echo "bench.py failed"
 # two or more GPUs: the same under FSDP (2 processes), world size taken from the figures
 if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then

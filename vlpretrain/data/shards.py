@@ -184,7 +184,9 @@ class ShardStream:
     """
 
     def __init__(self, cfg: DataConfig, split: str, *, batch_size: int, image_size: int, context_length: int,
-                 tokenizer=None, rank: int = 0, world_size: int = 1, seed: int = 0):
+                 tokenizer=None, rank: int = 0, world_size: int = 1, seed: int = 0, pin_memory: bool = False):
+        """``pin_memory``: the loader hands over batches in page-locked memory (for a CUDA device: their copy
+        to it then runs asynchronously instead of staging through the host first)."""
         if split not in ("train", "val"):
             raise ValueError(f"split '{split}' is not one of train, val.")
         cfg.validate()
@@ -213,7 +215,7 @@ class ShardStream:
             weights=cfg.train_weights if self.resampled else None, shuffle=self.train,
             buffer_size=cfg.shuffle_buffer, seed=seed, rank=rank, world_size=world_size,
             num_workers=max(self.num_workers, 1), random_caption=cfg.captions == "random")
-        self.timeout, self.worker_priority = cfg.timeout, cfg.worker_priority
+        self.timeout, self.worker_priority, self.pin_memory = cfg.timeout, cfg.worker_priority, pin_memory
         self.skipped_by_shard: dict[str, dict[str, int]] = {}
         self._delivered = {w: 0 for w in range(self.dataset.num_workers)}
         self._identity = {"seed": seed, "rank": rank, "world_size": world_size, "num_workers": self.num_workers,
@@ -250,7 +252,7 @@ class ShardStream:
         # every draw in the workers is seeded explicitly; the loader's own generator must not consume
         # the caller's global RNG (a resumed run would otherwise draw differently from an unbroken one)
         loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
-                            timeout=self.timeout, persistent_workers=False, prefetch_factor=2,
+                            timeout=self.timeout, persistent_workers=False, prefetch_factor=2, pin_memory=self.pin_memory,
                             worker_init_fn=functools.partial(set_worker_priority, self.worker_priority),
                             generator=torch.Generator().manual_seed(self.dataset.epoch))
         return iter(loader)

@@ -64,7 +64,9 @@ class AttentionLayout:
     n_image: int
     n_text: int
     text_causal: bool = True
-    text_valid: torch.Tensor | None = None  # (B, n_text) bool, False at padding
+    # (B, n_text) bool, False at padding; None: nothing padded. Its values are never read on the host (on an
+    # accelerator that waits for the device), so an all-True mask still builds per-row masks
+    text_valid: torch.Tensor | None = None
     cross_from_layer: int = 0
     _masks: dict = field(default_factory=dict, repr=False)
 
@@ -79,8 +81,6 @@ class AttentionLayout:
             self.text_valid = self.text_valid.bool()
             if self.text_valid.dim() != 2 or self.text_valid.shape[1] != self.n_text:
                 raise ValueError(f"text_valid must have shape (B, {self.n_text}), got {tuple(self.text_valid.shape)}.")
-            if not torch.compiler.is_compiling() and bool(self.text_valid.all()):  # (a host sync: not in graphs)
-                self.text_valid = None  # nothing padded: masks without a batch dimension
 
     @property
     def length(self) -> int:

@@ -142,11 +142,12 @@ class VLBackbone(nn.Module):
         if offset + input_ids.shape[1] > c.max_text_len:
             raise ValueError(f"input_ids has {offset + input_ids.shape[1]} positions; the model's "
                              f"max_text_len is {c.max_text_len} (truncate the text).")
-        # the id range costs a host sync: checked in eager runs, not inside torch.compile's graphs
-        if input_ids.numel() and not torch.compiler.is_compiling() and (
-                int(input_ids.min()) < 0 or int(input_ids.max()) >= c.vocab_size):
-            raise ValueError(f"input_ids holds ids in [{int(input_ids.min())}, {int(input_ids.max())}]; "
-                             f"expected 0 <= id < vocab_size={c.vocab_size} (does the tokenizer match?).")
+        # the id range, asserted on the device: an accelerator reports it without the host waiting for the
+        # result (a sync every forward); left out of torch.compile's graphs
+        if input_ids.numel() and not torch.compiler.is_compiling():
+            torch._assert_async(((input_ids >= 0) & (input_ids < c.vocab_size)).all(),
+                                f"input_ids holds an id outside 0 <= id < vocab_size={c.vocab_size} "
+                                f"(does the tokenizer match the model?)")
         if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}; expected "
                              f"{tuple(input_ids.shape)}, the shape of input_ids.")
@@ -225,9 +226,11 @@ class VLBackbone(nn.Module):
         else:
             kind = layout or ("prefix_lm" if len(parts) == 2 else ("image" if pixel_values is not None else "text"))
         n_text = input_ids.shape[1] + offset if input_ids is not None else 0
-        if cache is not None and text_valid is not None and not bool(text_valid.all()):
-            raise ValueError("attention_mask with padding is not supported with a KV cache (cached steps would "
-                             "attend to the pad keys); decode prompts of equal length, or without cache.")
+        if cache is not None and text_valid is not None:  # (generation only: reads the mask on the host)
+            if not bool(text_valid.all()):
+                raise ValueError("attention_mask with padding is not supported with a KV cache (cached steps would "
+                                 "attend to the pad keys); decode prompts of equal length, or without cache.")
+            text_valid = None  # nothing padded: masks without a batch dimension
         spec = AttentionLayout(kind, n_image, n_text, text_causal, text_valid, cross_from_layer)
         x = torch.cat(parts, dim=1)  # (B, L, D)
         if cache is not None:

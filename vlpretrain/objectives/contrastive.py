@@ -67,6 +67,10 @@ class Contrastive(CoupledObjective):
         scale_init = cfg.logit_scale_init if cfg.logit_scale_init is not None else scale_init
         bias_init = cfg.logit_bias_init if cfg.logit_bias_init is not None else bias_init
         self.max_log_scale = math.log(cfg.max_logit_scale)
+        self.diverged_message = str(self.error(
+            "the learnable logit scale t or bias is not finite, so training diverged",
+            "resume from the last good checkpoint with a lower learning rate or more warmup, "
+            "and keep logit_scale/logit_bias out of weight decay (no_weight_decay())"))
         self.logit_scale = nn.Parameter(torch.tensor(min(scale_init, self.max_log_scale), dtype=torch.float32))
         self.logit_bias = (nn.Parameter(torch.tensor(bias_init, dtype=torch.float32))
                            if bias_init is not None else None)
@@ -75,22 +79,18 @@ class Contrastive(CoupledObjective):
         return {"logit_scale", "logit_bias"} if self.logit_bias is not None else {"logit_scale"}
 
     def scale(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """s = exp(t) in ``dtype``, t clamped to ln(max_logit_scale); a non-finite t is a clear error.
+        """s = exp(t) in ``dtype``, t clamped to ln(max_logit_scale); a non-finite t (or bias) is a clear error.
 
-        Inside torch.compile's graphs the clamp stays on the device and the check is left out (both read t
-        on the host: a sync that splits the graph); the trainer's non-finite loss count still stops a run."""
-        if torch.compiler.is_compiling():
-            with torch.no_grad():
-                self.logit_scale.clamp_(max=self.max_log_scale)
-            return self.logit_scale.to(dtype).exp()
-        t = float(self.logit_scale.detach())
-        if not math.isfinite(t) or (self.logit_bias is not None and not math.isfinite(float(self.logit_bias.detach()))):
-            raise self.error(f"the learnable logit scale (t = {t}) or bias is not finite, so training diverged",
-                             "resume from the last good checkpoint with a lower learning rate or more warmup, "
-                             "and keep logit_scale/logit_bias out of weight decay (no_weight_decay())")
-        if t > self.max_log_scale:  # clamp the parameter itself (as CLIP does) so t can come back down
-            with torch.no_grad():
-                self.logit_scale.fill_(self.max_log_scale)
+        Both stay on the device: the clamp acts on the parameter itself (as CLIP does, so t can come back
+        down) and the check is an asynchronous assert, so no step waits for the host to read t (inside
+        torch.compile's graphs the assert is left out; the trainer's non-finite loss count still stops a run)."""
+        if not torch.compiler.is_compiling():
+            finite = torch.isfinite(self.logit_scale.detach())
+            if self.logit_bias is not None:
+                finite = finite & torch.isfinite(self.logit_bias.detach())
+            torch._assert_async(finite, self.diverged_message)
+        with torch.no_grad():
+            self.logit_scale.clamp_(max=self.max_log_scale)
         return self.logit_scale.to(dtype).exp()
 
     def embed(self, model: nn.Module, batch: dict, shared: SharedFeatures) -> dict[str, torch.Tensor]:

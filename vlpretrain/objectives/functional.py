@@ -29,17 +29,17 @@ def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, attention_mask: 
     ``attention_mask`` is 0 are ignored too. ``per_caption=False`` averages over all predicted
     tokens of the batch; ``True`` averages each caption's tokens first, then the captions.
     """
-    targets = labels[:, 1:].clone()  # (B, T-1)
+    targets = labels[:, 1:]  # (B, T-1)
     if attention_mask is not None:
-        targets[attention_mask[:, 1:] == 0] = IGNORE_INDEX
+        targets = targets.masked_fill(attention_mask[:, 1:] == 0, IGNORE_INDEX)
     pred = logits[:, :-1].float()  # (B, T-1, V)
     token_loss = F.cross_entropy(pred.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
     counted = (targets != IGNORE_INDEX).float()  # (B, T-1)
     if not per_caption:
         return token_loss.sum() / counted.sum().clamp(min=1)
-    per_row = token_loss.sum(1) / counted.sum(1).clamp(min=1)
-    has_tokens = counted.sum(1) > 0
-    return per_row[has_tokens].mean() if has_tokens.any() else token_loss.sum() * 0
+    per_row = token_loss.sum(1) / counted.sum(1).clamp(min=1)  # (B,) 0 for a caption with no counted token
+    has_tokens = (counted.sum(1) > 0).float()
+    return per_row.sum() / has_tokens.sum().clamp(min=1)  # mean over captions with tokens (0 if none)
 
 
 def next_token_accuracy(logits: torch.Tensor, labels: torch.Tensor,

@@ -100,6 +100,7 @@ class Matching(Objective):
             accuracy = ((logits.argmax(-1) == labels) & counted).float().sum() / counted.sum()
             # pairwise: does each positive score above the negatives drawn for it? (chance 0.5)
             score = logits[:, 1] - logits[:, 0]  # (3B,) log-odds of "match"
-            wins = torch.cat([(score[:B] > score[B:2 * B])[image_ok], (score[:B] > score[2 * B:])[text_ok]])
+            wins = ((score[:B] > score[B:2 * B]) & image_ok).sum() + ((score[:B] > score[2 * B:]) & text_ok).sum()
+            pair_acc = wins.float() / (image_ok.sum() + text_ok.sum()).clamp(min=1)  # over drawn negatives
             found = (image_ok.float().mean() + text_ok.float().mean()) / 2
-        return ObjectiveOutput(loss, {"itm_acc": accuracy, "pair_acc": wins.float().mean(), "negatives_found": found})
+        return ObjectiveOutput(loss, {"itm_acc": accuracy, "pair_acc": pair_acc, "negatives_found": found})

@@ -9,7 +9,6 @@ checkpointing as configured; SIGTERM/SIGINT finish the step, save and exit clean
 
 from __future__ import annotations
 
-import math
 import signal
 import time
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from vlpretrain.train.accumulate import accumulate_backward, backward
 from vlpretrain.train.checkpoint import (
     check_compatible, complete_checkpoints, load_checkpoint, resolve_resume, save_checkpoint)
 from vlpretrain.train.flops import FlopCounter, device_peak_flops
+from vlpretrain.train.host_reads import LaggedReadback, step_unless
 from vlpretrain.layers.precision import emulates, emulation_note, low_precision_context
 from vlpretrain.train.metrics import MetricsLog, plot_curves
 from vlpretrain.train.optim import build_optimizer, build_scheduler
@@ -188,7 +188,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
         check_compatible(resume, cfg.model)
     stream = ShardStream(cfg.data, "train", batch_size=micro, image_size=cfg.model.image_size,
                          context_length=cfg.model.max_text_len, tokenizer=tokenizer, rank=rank,
-                         world_size=world, seed=cfg.run.seed)
+                         world_size=world, seed=cfg.run.seed, pin_memory=accelerator.device.type == "cuda")
 
     model.set_grad_checkpointing(t.grad_checkpointing)
     objectives = build_objective_set(model, cfg.objectives)
@@ -227,6 +227,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
     window = dict(new_window)
     image_tokens = 1 + model.backbone.num_patches  # per image: cls + patches (before any patch dropout)
     stopped_by, final = None, resume  # a run resumed at its last step has nothing new to save
+    readback, flags = LaggedReadback(), _StepFlags(state, t.max_nonfinite)
     with _StopSignal() as stop:
         while state.step < t.steps:
             step_start = time.perf_counter()
@@ -245,46 +246,54 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
                     backward(out.loss, accelerator)
                 else:
                     out = accumulate_backward(module, batches, accelerator)
-            loss = accelerator.reduce(out.loss.detach().float().reshape(1), "mean")
-            # the total norm is always computed (max_norm=inf clips nothing): it also detects non-finite gradients
-            grad_norm = accelerator.clip_grad_norm_(module.parameters(), cfg.optim.grad_clip or float("inf"))
-            finite = math.isfinite(loss.item())
+            grad_norm = torch.as_tensor(  # always computed (max_norm=inf clips nothing): it also detects non-finite gradients
+                accelerator.clip_grad_norm_(module.parameters(), cfg.optim.grad_clip or float("inf")),
+                device=accelerator.device).float().reshape(1)
+            # one reduce per step, read by nobody now: the summed loss, and whether any rank got SIGTERM/SIGINT
+            loss = out.loss.detach().float().reshape(1)
+            summed = accelerator.reduce(torch.cat([loss, torch.full_like(loss, float(stop.received is not None))]),
+                                        "sum")
+            bad = ~torch.isfinite(summed[:1])
             if accelerator.scaler is not None:
                 # fp16: the grad scaler skips steps with inf/nan gradients itself and lowers its scale;
                 # it must see every step, so only a non-finite loss counts against the run
                 optimizer.step()
-            elif finite and math.isfinite(float(grad_norm)):
-                optimizer.step()
             else:
-                finite = False
-            state.nonfinite_run = 0 if finite else state.nonfinite_run + 1
-            state.nonfinite_total += 0 if finite else 1
+                bad = bad | ~torch.isfinite(grad_norm)
+                step_unless(optimizer, bad)  # skipped on the device: no host read of the loss here
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
-            # one reduce per step: samples of all ranks, and whether any rank got SIGTERM/SIGINT (all stop together)
-            counts = accelerator.reduce(torch.tensor([float(sum(len(b["pixel_values"]) for b in batches)),
-                                                      float(stop.received is not None), tokens],
-                                                     device=accelerator.device), "sum")
-            n_samples, stop_now = int(counts[0]), bool(counts[1] > 0)
+            n_samples = micro * len(batches) * world  # every micro-batch is full (_next_batch)
             state.samples_seen += n_samples
+            readback.push(torch.cat([summed[1:], bad.float()]))
+            # the step's flags are read one step late, except where the host reads anyway (log, eval,
+            # checkpoint, last step) and during a run of non-finite steps (so the limit is hit exactly)
+            sync_now = (state.step % t.log_every == 0 or state.step == t.steps or state.nonfinite_run > 0
+                        or _every(cfg.eval.every, state.step) or _every(t.ckpt_every, state.step))
+            stop_now, diverged = flags.apply(readback.take(flush=sync_now))
+            if (stop_now or diverged) and not sync_now:  # the state about to be saved counts this step too
+                more_stop, more_diverged = flags.apply(readback.take(flush=True))
+                stop_now, diverged = stop_now or more_stop, diverged or more_diverged
             step_time = time.perf_counter() - step_start
             window["time"] += step_time
             window["wait"] += wait
             window["samples"] += n_samples
-            window["tokens"] += float(counts[2])
+            window["tokens"] += tokens
             window["steps"] += 1
             window["flops"] += counter.take_step_flops()
-            if state.nonfinite_run >= t.max_nonfinite:
+            if diverged:
                 path = checkpoint()
-                raise TrainingStopped(f"the loss or gradient was non-finite in {state.nonfinite_run} steps in a row "
+                raise TrainingStopped(f"the loss or gradient was non-finite in {diverged} steps in a row "
                                       f"(train.max_nonfinite={t.max_nonfinite}); the last good weights are saved in "
                                       f"{path}. Lower optim.lr, raise optim.warmup_steps or check the data.")
             if state.step % t.log_every == 0 or state.step == t.steps:
-                record = {"samples_seen": state.samples_seen, "epoch": state.epoch, "loss": loss.item(),
+                loss_value = float(summed[0]) / world
+                all_tokens = float(accelerator.reduce(torch.tensor([window["tokens"]], device=accelerator.device), "sum"))
+                record = {"samples_seen": state.samples_seen, "epoch": state.epoch, "loss": loss_value,
                           "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                           "samples_per_s": window["samples"] / window["time"],
-                          "tokens_per_s": window["tokens"] / window["time"], "step_time_s": window["time"] / window["steps"],
+                          "tokens_per_s": all_tokens / window["time"], "step_time_s": window["time"] / window["steps"],
                           "data_wait_frac": window["wait"] / window["time"], "nonfinite_steps": state.nonfinite_total,
                           **{f"loss/{k}": float(accelerator.reduce(v.float().reshape(1), "mean"))
                              for k, v in out.losses.items()},
@@ -295,15 +304,15 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
                     record["mfu"] = window["flops"] / window["time"] / peak
                     record["tflops_per_s"] = window["flops"] / window["time"] / 1e12
                 log.log(state.step, record)
-                progress.set_postfix(loss=f"{loss.item():.3f}", samples_s=f"{record['samples_per_s']:.1f}")
+                progress.set_postfix(loss=f"{loss_value:.3f}", samples_s=f"{record['samples_per_s']:.1f}")
                 window = dict(new_window)
             progress.update(1)
-            if cfg.eval.every and state.step % cfg.eval.every == 0 and state.step < t.steps:
+            if _every(cfg.eval.every, state.step) and state.step < t.steps:
                 state.eval = _evaluate(cfg, accelerator, module, processor, log, state.step)
             if stop_now:
                 stopped_by = signal.Signals(stop.received).name if stop.received is not None else "SIGTERM"
                 break
-            if t.ckpt_every and state.step % t.ckpt_every == 0:
+            if _every(t.ckpt_every, state.step):
                 final = checkpoint()
     progress.close()
     counter.remove()
@@ -331,6 +340,31 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------------------------
 # helpers
+
+
+def _every(period: int, step: int) -> bool:
+    """Whether something done every ``period`` steps (0: never) happens at ``step``."""
+    return bool(period) and step % period == 0
+
+
+class _StepFlags:
+    """Applies steps' flags read from the device (any rank asked to stop; the step was non-finite) to
+    the state's non-finite counts, in step order."""
+
+    def __init__(self, state: _State, max_nonfinite: int):
+        self.state, self.max_nonfinite = state, max_nonfinite
+
+    def apply(self, steps: list[torch.Tensor]) -> tuple[bool, int]:
+        """(whether any of ``steps`` asked to stop, the run of non-finite steps that reached
+        ``max_nonfinite`` or 0)."""
+        stop, diverged = False, 0
+        for stop_requests, bad in steps:
+            stop = stop or bool(stop_requests > 0)
+            self.state.nonfinite_run = self.state.nonfinite_run + 1 if bad else 0
+            self.state.nonfinite_total += int(bool(bad))
+            if self.state.nonfinite_run >= self.max_nonfinite:
+                diverged = diverged or self.state.nonfinite_run
+        return stop, diverged
 
 
 def _flat(cfg: ExperimentConfig) -> dict[str, Any]:
