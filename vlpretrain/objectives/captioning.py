@@ -73,7 +73,7 @@ class Captioning(Objective):
     def forward(self, model: nn.Module, batch: dict, shared: SharedFeatures) -> ObjectiveOutput:
         ids, mask = batch["input_ids"], batch["attention_mask"]
         states = shared.caption if self.cfg.parallel_prob == 0 else self._parallel_states(model, batch)
-        logits = model.lm_head(states)  # (B, T, V)
+        logits = model.lm_head(states[:, :-1])  # (B, T-1, V): the last position predicts nothing
         loss = next_token_loss(logits, ids, mask, per_caption=self.cfg.per_caption)
         with torch.no_grad():
             accuracy = next_token_accuracy(logits, ids, mask)

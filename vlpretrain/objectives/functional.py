@@ -25,15 +25,19 @@ def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, attention_mask: 
                     per_caption: bool = False) -> torch.Tensor:
     """Causal LM cross-entropy: the logit at position t predicts label t+1.
 
-    logits (B, T, V), labels (B, T) with IGNORE_INDEX where no loss is wanted; positions where
-    ``attention_mask`` is 0 are ignored too. ``per_caption=False`` averages over all predicted
-    tokens of the batch; ``True`` averages each caption's tokens first, then the captions.
+    logits (B, T, V), or (B, T-1, V) without the last position (which predicts nothing: computing the
+    head without it saves its FLOPs and a copy), labels (B, T) with IGNORE_INDEX where no loss is
+    wanted; positions where ``attention_mask`` is 0 are ignored too. ``per_caption=False`` averages
+    over all predicted tokens of the batch; ``True`` averages each caption's tokens first, then the captions.
     """
+    T = labels.shape[1]
     targets = labels[:, 1:]  # (B, T-1)
     if attention_mask is not None:
         targets = targets.masked_fill(attention_mask[:, 1:] == 0, IGNORE_INDEX)
-    pred = logits[:, :-1].float()  # (B, T-1, V)
-    token_loss = F.cross_entropy(pred.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
+    pred = logits[:, :T - 1].float()  # (B, T-1, V)
+    # rows of (B*(T-1), V): the class dimension contiguous (a (B, V, T-1) transpose runs ~1.25x slower on a CPU)
+    token_loss = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX,
+                                 reduction="none").view(targets.shape)  # (B, T-1)
     counted = (targets != IGNORE_INDEX).float()  # (B, T-1)
     if not per_caption:
         return token_loss.sum() / counted.sum().clamp(min=1)
@@ -44,12 +48,13 @@ def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, attention_mask: 
 
 def next_token_accuracy(logits: torch.Tensor, labels: torch.Tensor,
                         attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Share of the positions counted by :func:`next_token_loss` whose argmax is the next token."""
+    """Share of the positions counted by :func:`next_token_loss` whose argmax is the next token (logits
+    with or without the last position, as there)."""
     targets = labels[:, 1:]  # (B, T-1)
     counted = targets != IGNORE_INDEX
     if attention_mask is not None:
         counted = counted & (attention_mask[:, 1:] != 0)
-    hit = (logits[:, :-1].argmax(-1) == targets) & counted  # (B, T-1)
+    hit = (logits[:, :targets.shape[1]].argmax(-1) == targets) & counted  # (B, T-1)
     return hit.sum().float() / counted.sum().clamp(min=1)
 
 
