@@ -33,3 +33,24 @@ def test_compiled_objectives_are_one_graph_with_eager_losses_and_gradients():
     assert worst < 1e-5, f"gradients differ by {worst} at {where}"
     for module in (eager, twin):
         assert abs(float(module.objectives["contrastive"].logit_scale.detach()) - math.log(100.0)) < 1e-6
+
+
+def test_varied_text_lengths_share_one_dynamic_graph_and_the_flop_counter_counts_inside_it():
+    # the trainer pads captions to each batch's longest, so the text length changes every batch; its
+    # FlopCounter hooks every Linear/attention/MLP. Neither may cost a graph per length (after dynamo's
+    # limit of 8 the rest would run eager) nor a graph break per hooked module.
+    from vlpretrain.train.flops import FlopCounter
+
+    torch._dynamo.reset()
+    counters.clear()
+    objectives = build_objective_set(make_model(text_embed_depth=1), [{"name": "contrastive"}, {"name": "captioning"}])
+    counter = FlopCounter(objectives)
+    compiled = torch.compile(objectives, backend="aot_eager")
+    for length in (12, 11, 9, 8, 6):
+        batch = random_batch(batch=4, length=length)
+        objectives(batch).loss.backward()
+        eager_flops = counter.take_step_flops()
+        compiled(batch).loss.backward()
+        assert counter.take_step_flops() == eager_flops > 0, length
+    assert dict(counters["graph_break"]) == {}
+    assert counters["stats"]["unique_graphs"] == 2  # the first length static, then one dynamic graph for all

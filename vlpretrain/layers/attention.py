@@ -121,8 +121,8 @@ class AttentionLayout:
         cross = self.crosses(layer)
         if not self._needs_mask(cross):
             return None
-        key = ("dense", cross, q_offset, n_query, str(device))
-        if key not in self._masks:
+
+        def build():
             q = torch.arange(q_offset, q_offset + n_query, device=device)
             kv = torch.arange(self.length, device=device)
             key_valid = self._key_valid()
@@ -130,7 +130,18 @@ class AttentionLayout:
             b = b[:, None, None] if key_valid is not None else b
             mask = self.allowed(b, q[None, :, None], kv[None, None, :], cross,
                                 key_valid.to(device) if key_valid is not None else None)
-            self._masks[key] = mask.unsqueeze(1)
+            return mask.unsqueeze(1)
+
+        return self._cached(("dense", cross, q_offset, n_query, str(device)), build)
+
+    def _cached(self, key: tuple, build):
+        """``build()`` once per ``key`` for this layout (one batch). Inside torch.compile the key's sizes are
+        symbolic, and a dict lookup would pin them to this batch's values (one graph per text length, up to
+        dynamo's limit, then eager): built at each use there, where the graph's common subexpressions merge."""
+        if torch.compiler.is_compiling():
+            return build()
+        if key not in self._masks:
+            self._masks[key] = build()
         return self._masks[key]
 
     def is_plain_causal(self, q_offset: int, n_query: int) -> bool:
@@ -143,8 +154,8 @@ class AttentionLayout:
         from torch.nn.attention.flex_attention import create_block_mask
 
         cross = self.crosses(layer)
-        key = ("flex", cross, q_offset, n_query, str(device))
-        if key not in self._masks:
+
+        def build():
             key_valid = self._key_valid()
             key_valid = key_valid.to(device) if key_valid is not None else None
 
@@ -152,9 +163,9 @@ class AttentionLayout:
                 return self.allowed(b, q + q_offset, kv, cross, key_valid)
 
             batch = key_valid.shape[0] if key_valid is not None else None
-            self._masks[key] = create_block_mask(mask_mod, batch, None, n_query, self.length,
-                                                 device=device)
-        return self._masks[key]
+            return create_block_mask(mask_mod, batch, None, n_query, self.length, device=device)
+
+        return self._cached(("flex", cross, q_offset, n_query, str(device)), build)
 
     def flash_segments(self, layer: int) -> bool | None:
         """The single causal flag flash-attn varlen can serve this block with, or None if it can't."""

@@ -40,7 +40,8 @@ class FlopCounter:
                 self._handles.append(sub.register_forward_hook(self._hook))
 
     def _hook(self, module, args, output) -> None:
-        if not torch.is_grad_enabled() or _in_backward():
+        # (inside torch.compile no hook runs in the backward, and the graph-task query would break the graph)
+        if not torch.is_grad_enabled() or (not torch.compiler.is_compiling() and _in_backward()):
             return
         if isinstance(module, Mlp):  # fc2 inside GeluLinear (fc1, and fc2 when called itself, hook on their own)
             if module.fuses():
