@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import math
 
+import pytest
 import torch
 from objectives_support import grads_of, make_model, max_grad_diff, random_batch
 from torch._dynamo.utils import counters
@@ -35,22 +36,34 @@ def test_compiled_objectives_are_one_graph_with_eager_losses_and_gradients():
         assert abs(float(module.objectives["contrastive"].logit_scale.detach()) - math.log(100.0)) < 1e-6
 
 
-def test_varied_text_lengths_share_one_dynamic_graph_and_the_flop_counter_counts_inside_it():
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_varied_text_lengths_share_one_graph_and_the_flop_counter_counts_inside_it(accumulate):
     # the trainer pads captions to each batch's longest, so the text length changes every batch; its
     # FlopCounter hooks every Linear/attention/MLP. Neither may cost a graph per length (after dynamo's
     # limit of 8 the rest would run eager) nor a graph break per hooked module.
+    from vlpretrain.train.accumulate import accumulate_backward
     from vlpretrain.train.flops import FlopCounter
+    from vlpretrain.train.loop import _to_device
 
     torch._dynamo.reset()
     counters.clear()
     objectives = build_objective_set(make_model(text_embed_depth=1), [{"name": "contrastive"}, {"name": "captioning"}])
     counter = FlopCounter(objectives)
     compiled = torch.compile(objectives, backend="aot_eager")
-    for length in (12, 11, 9, 8, 6):
+
+    def step(module, batch):
+        if not accumulate:
+            return module(_to_device(batch, "cpu", compiled=module is compiled)).loss.backward()
+        halves = [{k: v[i:i + 2] for k, v in batch.items()} for i in (0, 2)]
+        accumulate_backward(module, [_to_device(h, "cpu", compiled=module is compiled) for h in halves])
+
+    for length in (12, 11, 9, 8, 6, 10, 5, 7, 4):
         batch = random_batch(batch=4, length=length)
-        objectives(batch).loss.backward()
-        eager_flops = counter.take_step_flops()
-        compiled(batch).loss.backward()
-        assert counter.take_step_flops() == eager_flops > 0, length
+        step(objectives, batch)
+        eager_flops = counter.take_flops()
+        step(compiled, batch)
+        assert counter.take_flops() == eager_flops > 0, length
     assert dict(counters["graph_break"]) == {}
-    assert counters["stats"]["unique_graphs"] == 2  # the first length static, then one dynamic graph for all
+    # one graph per call: accumulation's no-grad embedding pass, and its recompute with and without the
+    # coupled objectives' parameter gradients (added on the last micro-batch only)
+    assert counters["stats"]["unique_graphs"] == (3 if accumulate else 1)

@@ -27,13 +27,13 @@ def test_counted_flops_match_the_architecture_and_skip_recompute_and_no_grad():
     want = analytic_forward_flops(model.config, 3, 17, 9)
     assert counter.forward_flops == want
     out.loss.backward()
-    assert counter.take_step_flops() == 3 * want  # forward + backward, and reset
+    assert counter.take_flops() == 3 * want  # forward + backward, and reset
     model.set_grad_checkpointing(True)  # recompute in backward is not model FLOPs
     model(pixel_values=px, input_ids=ids, attention_mask=mask, labels=ids).loss.backward()
-    assert counter.take_step_flops() == 3 * want
+    assert counter.take_flops() == 3 * want
     with torch.no_grad():
         model(pixel_values=px, input_ids=ids, attention_mask=mask)
-    assert counter.take_step_flops() == 0
+    assert counter.take_flops() == 0
     counter.remove()
     model(pixel_values=px, input_ids=ids, attention_mask=mask)
     assert counter.forward_flops == 0

@@ -133,9 +133,9 @@ def test_pooled_only_computes_one_token_in_the_last_block_and_refuses_other_layo
     batch = random_batch(batch=3, length=7)
     counter = FlopCounter(model)
     full = model.backbone(pixel_values=batch["pixel_values"], layout="image")
-    full_flops = counter.take_step_flops()
+    full_flops = counter.take_flops()
     pooled = model.backbone(pixel_values=batch["pixel_values"], layout="image", pooled_only=True)
-    pooled_flops = counter.take_step_flops()
+    pooled_flops = counter.take_flops()
     counter.remove()
     assert pooled.image.shape == (3, 1, full.image.shape[-1])
     assert float((pooled.image[:, 0] - full.image[:, 0]).abs().max()) < 1e-5

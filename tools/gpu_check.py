@@ -241,10 +241,10 @@ def train_base(device, size, flops_per_step: float | None = None, profile: bool 
     for _ in range(5):  # warm-up (and compilation) left out
         steps_of(1)
     if counter:
-        counter.take_step_flops()
+        counter.take_flops()
     window = size["train_window"]
     times = [steps_of(window) for _ in range((steps - 5) // window)]  # seconds per step of each window
-    step_flops = counter.take_step_flops() / (window * len(times)) if counter else flops_per_step
+    step_flops = counter.take_flops() / (window * len(times)) if counter else flops_per_step
     mean_s = sum(times) / len(times)
     peak = device_peak_flops(device, True)
     achieved = step_flops / mean_s

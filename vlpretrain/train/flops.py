@@ -29,35 +29,52 @@ def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+def _call_flops(module: nn.Module, args: tuple, output: torch.Tensor) -> float:
+    """Forward FLOPs of one call of a hooked module, from its real shapes."""
+    if isinstance(module, Mlp):  # fc2 inside GeluLinear (fc1, and fc2 when called itself, hook on their own)
+        return 2.0 * output.numel() * module.fc2.in_features if module.fuses() else 0.0
+    if isinstance(module, nn.Linear):
+        return 2.0 * args[0].numel() * module.out_features
+    if isinstance(module, nn.Conv2d):
+        k = module.in_channels * module.kernel_size[0] * module.kernel_size[1] // module.groups
+        return 2.0 * output.numel() * k
+    B, Lq, D = output.shape  # attention scores and weighted sum: 2 matmuls of (Lq x Dh) @ (Dh x Lkv) per head
+    return 4.0 * B * Lq * args[0].shape[1] * D
+
+
 class FlopCounter:
-    """Accumulates forward FLOPs of graph-building calls of the hooked module tree."""
+    """Accumulates forward FLOPs of graph-building calls of the hooked module tree.
+
+    Eager calls add to a Python float. Inside torch.compile the hooks are traced into the graph, where a
+    Python number would be pinned to one value (a graph per text length); there they add to a float64
+    tensor on the module's device instead, read on the host by :meth:`take_flops` only (so call it where
+    the host reads anyway, e.g. at log steps)."""
 
     def __init__(self, module: nn.Module):
         self.forward_flops = 0.0
+        device = next(module.parameters(), torch.empty(0)).device
+        self._compiled_forward_flops = torch.zeros((), dtype=torch.float64, device=device)
         self._handles = []
         for sub in module.modules():
             if isinstance(sub, (nn.Linear, nn.Conv2d, Attention, Mlp)):
                 self._handles.append(sub.register_forward_hook(self._hook))
 
     def _hook(self, module, args, output) -> None:
+        compiling = torch.compiler.is_compiling()
         # (inside torch.compile no hook runs in the backward, and the graph-task query would break the graph)
-        if not torch.is_grad_enabled() or (not torch.compiler.is_compiling() and _in_backward()):
+        if not torch.is_grad_enabled() or (not compiling and _in_backward()):
             return
-        if isinstance(module, Mlp):  # fc2 inside GeluLinear (fc1, and fc2 when called itself, hook on their own)
-            if module.fuses():
-                self.forward_flops += 2.0 * output.numel() * module.fc2.in_features
-        elif isinstance(module, nn.Linear):
-            self.forward_flops += 2.0 * args[0].numel() * module.out_features
-        elif isinstance(module, nn.Conv2d):
-            k = module.in_channels * module.kernel_size[0] * module.kernel_size[1] // module.groups
-            self.forward_flops += 2.0 * output.numel() * k
-        else:  # attention scores and weighted sum: 2 matmuls of (Lq x Dh) @ (Dh x Lkv) per head
-            B, Lq, D = output.shape
-            self.forward_flops += 4.0 * B * Lq * args[0].shape[1] * D
+        flops = _call_flops(module, args, output)
+        if compiling:
+            self._compiled_forward_flops.add_(flops)
+        else:
+            self.forward_flops += flops
 
-    def take_step_flops(self) -> float:
-        """FLOPs of the step since the last call (forward x 3), and reset."""
-        flops, self.forward_flops = 3.0 * self.forward_flops, 0.0
+    def take_flops(self) -> float:
+        """FLOPs of the training steps since the last call (forward x 3, backward ~ 2x forward), and reset."""
+        flops = 3.0 * (self.forward_flops + float(self._compiled_forward_flops))
+        self.forward_flops = 0.0
+        self._compiled_forward_flops.zero_()
         return flops
 
     def remove(self) -> None:

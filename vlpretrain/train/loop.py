@@ -155,9 +155,18 @@ def _tokens(batch: dict, image_tokens: int) -> float:
     return len(batch["pixel_values"]) * image_tokens + (float(mask.sum()) if mask is not None else 0.0)
 
 
-def _to_device(batch: dict, device) -> dict:
+def _to_device(batch: dict, device, compiled: bool = False) -> dict:
+    """The model inputs of a host batch on ``device``. ``compiled``: the text length (each batch's longest
+    caption) is marked dynamic, so torch.compile builds one graph for all lengths from the first batch on
+    (without the mark: a static graph first, then a dynamic one per call variant, and accumulation's three
+    variants exceed dynamo's limit of 8 graphs, after which it runs eager)."""
     keys = ("pixel_values", "input_ids", "attention_mask")
-    return {k: batch[k].to(device, non_blocking=True) for k in keys if batch.get(k) is not None}
+    out = {k: batch[k].to(device, non_blocking=True) for k in keys if batch.get(k) is not None}
+    if compiled:
+        for key in ("input_ids", "attention_mask"):
+            if key in out:
+                torch._dynamo.mark_dynamic(out[key], 1)
+    return out
 
 
 def train(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -223,7 +232,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
     start, samples_at_start = time.perf_counter(), state.samples_seen
     progress = _progress(accelerator, state.step, t.steps)
     it = iter(stream)
-    new_window = {"time": 0.0, "wait": 0.0, "samples": 0, "tokens": 0.0, "steps": 0, "flops": 0.0}
+    new_window = {"time": 0.0, "wait": 0.0, "samples": 0, "tokens": 0.0, "steps": 0}
     window = dict(new_window)
     image_tokens = 1 + model.backbone.num_patches  # per image: cls + patches (before any patch dropout)
     stopped_by, final = None, resume  # a run resumed at its last step has nothing new to save
@@ -235,7 +244,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
             for _ in range(t.accum_steps):
                 raw, it = _next_batch(stream, it, state, micro)
                 tokens += _tokens(raw, image_tokens)  # counted on the host batch: no device sync
-                batches.append(_to_device(raw, accelerator.device))
+                batches.append(_to_device(raw, accelerator.device, compiled=t.compile))
                 for reason, n in raw.get("skipped", {}).items():
                     window[f"skipped/{reason}"] = window.get(f"skipped/{reason}", 0) + n
             wait = time.perf_counter() - step_start
@@ -281,7 +290,6 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
             window["samples"] += n_samples
             window["tokens"] += tokens
             window["steps"] += 1
-            window["flops"] += counter.take_step_flops()
             if diverged:
                 path = checkpoint()
                 raise TrainingStopped(f"the loss or gradient was non-finite in {diverged} steps in a row "
@@ -301,8 +309,9 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
                                                          .reshape(1), "mean")) for k, v in out.metrics.items()},
                           **{k: v for k, v in window.items() if k.startswith("skipped/")}}
                 if peak:
-                    record["mfu"] = window["flops"] / window["time"] / peak
-                    record["tflops_per_s"] = window["flops"] / window["time"] / 1e12
+                    flops = counter.take_flops()  # the window's steps (read here: under compile, a device value)
+                    record["mfu"] = flops / window["time"] / peak
+                    record["tflops_per_s"] = flops / window["time"] / 1e12
                 log.log(state.step, record)
                 progress.set_postfix(loss=f"{loss_value:.3f}", samples_s=f"{record['samples_per_s']:.1f}")
                 window = dict(new_window)
