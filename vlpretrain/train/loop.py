@@ -236,7 +236,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
     window = dict(new_window)
     image_tokens = 1 + model.backbone.num_patches  # per image: cls + patches (before any patch dropout)
     stopped_by, final = None, resume  # a run resumed at its last step has nothing new to save
-    readback, flags = LaggedReadback(), _StepFlags(state, t.max_nonfinite)
+    flags = _StepFlags(state, t.max_nonfinite)
     with _StopSignal() as stop:
         while state.step < t.steps:
             step_start = time.perf_counter()
@@ -275,15 +275,11 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
             state.step += 1
             n_samples = micro * len(batches) * world  # every micro-batch is full (_next_batch)
             state.samples_seen += n_samples
-            readback.push(torch.cat([summed[1:], bad.float()]))
             # the step's flags are read one step late, except where the host reads anyway (log, eval,
             # checkpoint, last step) and during a run of non-finite steps (so the limit is hit exactly)
             sync_now = (state.step % t.log_every == 0 or state.step == t.steps or state.nonfinite_run > 0
                         or _every(cfg.eval.every, state.step) or _every(t.ckpt_every, state.step))
-            stop_now, diverged = flags.apply(readback.take(flush=sync_now))
-            if (stop_now or diverged) and not sync_now:  # the state about to be saved counts this step too
-                more_stop, more_diverged = flags.apply(readback.take(flush=True))
-                stop_now, diverged = stop_now or more_stop, diverged or more_diverged
+            stop_now, diverged = flags.after_step(torch.cat([summed[1:], bad.float()]), sync_now)
             step_time = time.perf_counter() - step_start
             window["time"] += step_time
             window["wait"] += wait
@@ -357,15 +353,26 @@ def _every(period: int, step: int) -> bool:
 
 
 class _StepFlags:
-    """Applies steps' flags read from the device (any rank asked to stop; the step was non-finite) to
-    the state's non-finite counts, in step order."""
+    """Each step's flags from the device (any rank asked to stop; the step was non-finite), read through a
+    :class:`LaggedReadback` and applied to the state's non-finite counts in step order."""
 
     def __init__(self, state: _State, max_nonfinite: int):
         self.state, self.max_nonfinite = state, max_nonfinite
+        self.readback = LaggedReadback()
 
-    def apply(self, steps: list[torch.Tensor]) -> tuple[bool, int]:
-        """(whether any of ``steps`` asked to stop, the run of non-finite steps that reached
-        ``max_nonfinite`` or 0)."""
+    def after_step(self, flags: torch.Tensor, sync_now: bool) -> tuple[bool, int]:
+        """Queue this step's ``flags`` (stop requests, non-finite); apply those read back (this step's too
+        with ``sync_now``). Returns (whether a step asked to stop, the run of non-finite steps that reached
+        ``max_nonfinite`` or 0); when either is set, this step is applied too: the state about to be saved
+        counts it."""
+        self.readback.push(flags)
+        stop, diverged = self._apply(self.readback.take(flush=sync_now))
+        if (stop or diverged) and not sync_now:
+            more_stop, more_diverged = self._apply(self.readback.take(flush=True))
+            stop, diverged = stop or more_stop, diverged or more_diverged
+        return stop, diverged
+
+    def _apply(self, steps: list[torch.Tensor]) -> tuple[bool, int]:
         stop, diverged = False, 0
         for stop_requests, bad in steps:
             stop = stop or bool(stop_requests > 0)
