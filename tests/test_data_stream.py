@@ -196,6 +196,23 @@ def test_first_caption_mode_trains_on_the_txt_caption_with_the_same_crops(corpus
     assert differs > 0  # the corpus has several captions per sample: random mode does draw others
 
 
+def test_uint8_batches_normalised_by_the_consumer_equal_the_workers_floats(corpus, tokenizer):
+    """``normalize=False`` (the trainer's stream): the same samples and crops as uint8, and
+    ``stream.normalize`` (run on the trainer's device) gives exactly the floats the workers make."""
+    from vlpretrain.train.loop import _to_device
+
+    cfg = data_config(corpus, num_workers=2)
+    floats = take(make_stream(cfg, batch_size=16, tokenizer=tokenizer), 4)
+    raw = make_stream(cfg, batch_size=16, tokenizer=tokenizer, normalize=False)
+    for want, got in zip(floats, take(raw, 4), strict=True):
+        assert got["keys"] == want["keys"] and torch.equal(got["input_ids"], want["input_ids"])
+        assert got["pixel_values"].dtype == torch.uint8 and want["pixel_values"].dtype == torch.float32
+        assert len(set(got["pixel_values"].flatten().tolist())) > 16  # real pixels, not a constant
+        on_device = _to_device(got, "cpu", raw.normalize)
+        assert on_device["pixel_values"].dtype == torch.float32
+        assert torch.equal(on_device["pixel_values"], want["pixel_values"])
+
+
 def test_resampled_mode_follows_source_weights_and_never_ends(corpus, tokenizer):
     shards = sorted(str(p) for p in (corpus / "train").glob("*.tar"))
     spec = f"{'::'.join([shards[0], shards[1]])}"

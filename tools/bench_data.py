@@ -2,7 +2,8 @@
 
 Both read the same WebDataset shards of 256-512 px JPEGs, shuffle, decode, random-resized-crop to
 224 px (OpenCLIP's train transform: scale 0.9-1, bicubic), normalise, tokenise and batch in the same
-number of DataLoader workers. OpenCLIP's side is its own code: ``wds.decode("pilrgb")`` +
+number of DataLoader workers; ours as the trainer takes it: uint8 batches from the workers,
+normalised by the consumer (here on the CPU, in the main process). OpenCLIP's side is its own code: ``wds.decode("pilrgb")`` +
 ``open_clip.transform.image_transform(224, is_train=True)`` + its tokenizer, in a ``wds.WebLoader``.
 Runs are interleaved (A B B A A B ...) and the ratio is taken from medians, because the machine is shared.
 Peak RSS per worker is the largest ``VmHWM`` seen in /proc for the worker processes.
@@ -82,8 +83,10 @@ def ours(shards: Path, tokenizer, workers: int, batch_size: int):
 
     cfg = DataConfig(train=str(shards), num_workers=workers, shuffle_buffer=100)
     stream = ShardStream(cfg, "train", batch_size=batch_size, image_size=224, context_length=64,
-                         tokenizer=tokenizer, seed=0)
-    return ((b["pixel_values"], b["input_ids"]) for b in stream)
+                         tokenizer=tokenizer, seed=0, normalize=False)
+    # as the trainer takes it: uint8 from the workers, normalised by the consumer (here on this CPU, in
+    # this process; the trainer does it on its device)
+    return ((stream.normalize(b["pixel_values"]), b["input_ids"]) for b in stream)
 
 
 def openclip(shards: Path, workers: int, batch_size: int):

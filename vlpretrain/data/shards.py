@@ -90,8 +90,9 @@ class ShardDataset(IterableDataset):
     def __init__(self, sources: list[list[str]], *, transform: ImageTransform, tokenizer,
                  context_length: int, batch_size: int, resampled: bool, weights: list[float] | None,
                  shuffle: bool, buffer_size: int, seed: int, rank: int, world_size: int, num_workers: int,
-                 random_caption: bool = True):
+                 random_caption: bool = True, normalize: bool = True):
         self.sources, self.transform, self.tokenizer = sources, transform, tokenizer
+        self.normalize_pixels = normalize  # False: uint8 pixels, normalised by the consumer
         self.random_caption = random_caption
         self.context_length, self.batch_size = context_length, batch_size
         self.resampled, self.weights, self.shuffle, self.buffer_size = resampled, weights, shuffle, buffer_size
@@ -138,7 +139,7 @@ class ShardDataset(IterableDataset):
 
     def _batch(self, items: list, worker: int, cursor: int, skips: SkipCounter) -> dict[str, Any]:
         pixels = torch.stack([p for p, _, _ in items])  # (B, 3, S, S) uint8
-        batch = {"pixel_values": self.transform.normalize(pixels)}  # (B, 3, S, S) float32
+        batch = {"pixel_values": self.transform.normalize(pixels) if self.normalize_pixels else pixels}
         batch.update(encode_captions(self.tokenizer, [c for _, c, _ in items], self.context_length))
         batch["keys"] = [k for _, _, k in items]
         batch.update(_worker=worker, _cursor=cursor, _skipped=skips.take())
@@ -177,16 +178,20 @@ def set_worker_priority(priority: str, worker_id: int = 0) -> None:
 class ShardStream:
     """Batches for one rank, one epoch per ``iter()``; ``state_dict``/``load_state_dict`` resume exactly.
 
-    Each batch is a dict: ``pixel_values`` (B, 3, S, S) float32, ``input_ids``/``attention_mask``
+    Each batch is a dict: ``pixel_values`` (B, 3, S, S) float32 (uint8 with ``normalize=False``: then the
+    consumer calls :meth:`normalize`, e.g. on its GPU after the copy), ``input_ids``/``attention_mask``
     (B, T) with T the longest caption in the batch (<= context length), ``keys`` (sample keys) and
     ``skipped`` ({reason: n} newly skipped since the previous batch). ``skipped_by_shard`` holds the
     running totals ({shard: {reason: n}}).
     """
 
     def __init__(self, cfg: DataConfig, split: str, *, batch_size: int, image_size: int, context_length: int,
-                 tokenizer=None, rank: int = 0, world_size: int = 1, seed: int = 0, pin_memory: bool = False):
+                 tokenizer=None, rank: int = 0, world_size: int = 1, seed: int = 0, pin_memory: bool = False,
+                 normalize: bool = True):
         """``pin_memory``: the loader hands over batches in page-locked memory (for a CUDA device: their copy
-        to it then runs asynchronously instead of staging through the host first)."""
+        to it then runs asynchronously instead of staging through the host first). ``normalize=False``: the
+        workers hand over uint8 pixels (a quarter of the bytes through shared memory, pinning and the copy
+        to the device, and no float pass per sample in the workers); :meth:`normalize` makes them floats."""
         if split not in ("train", "val"):
             raise ValueError(f"split '{split}' is not one of train, val.")
         cfg.validate()
@@ -214,7 +219,7 @@ class ShardStream:
             context_length=context_length, batch_size=batch_size, resampled=self.resampled,
             weights=cfg.train_weights if self.resampled else None, shuffle=self.train,
             buffer_size=cfg.shuffle_buffer, seed=seed, rank=rank, world_size=world_size,
-            num_workers=max(self.num_workers, 1), random_caption=cfg.captions == "random")
+            num_workers=max(self.num_workers, 1), random_caption=cfg.captions == "random", normalize=normalize)
         self.timeout, self.worker_priority, self.pin_memory = cfg.timeout, cfg.worker_priority, pin_memory
         self.skipped_by_shard: dict[str, dict[str, int]] = {}
         self._delivered = {w: 0 for w in range(self.dataset.num_workers)}
@@ -235,6 +240,11 @@ class ShardStream:
     @property
     def epoch(self) -> int:
         return self.dataset.epoch
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 ``pixel_values`` of a ``normalize=False`` batch -> the float32 the workers would have made,
+        on whatever device they are."""
+        return self.dataset.transform.normalize(pixels)
 
     def set_epoch(self, epoch: int) -> None:
         """Start ``epoch`` from its beginning at the next ``iter()``."""

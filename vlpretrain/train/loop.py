@@ -155,13 +155,16 @@ def _tokens(batch: dict, image_tokens: int) -> float:
     return len(batch["pixel_values"]) * image_tokens + (float(mask.sum()) if mask is not None else 0.0)
 
 
-def _to_device(batch: dict, device, compiled: bool = False) -> dict:
-    """The model inputs of a host batch on ``device``. ``compiled``: the text length (each batch's longest
-    caption) is marked dynamic, so torch.compile builds one graph for all lengths from the first batch on
-    (without the mark: a static graph first, then a dynamic one per call variant, and accumulation's three
-    variants exceed dynamo's limit of 8 graphs, after which it runs eager)."""
+def _to_device(batch: dict, device, normalize=None, compiled: bool = False) -> dict:
+    """The model inputs of a host batch on ``device``. ``normalize`` (the stream's, for its uint8 pixels)
+    makes the pixels floats there: copying uint8 moves a quarter of the bytes. ``compiled``: the text
+    length (each batch's longest caption) is marked dynamic, so torch.compile builds one graph for all
+    lengths from the first batch on (without the mark: a static graph first, then a dynamic one per call
+    variant, and accumulation's three variants exceed dynamo's limit of 8 graphs, after which it runs eager)."""
     keys = ("pixel_values", "input_ids", "attention_mask")
     out = {k: batch[k].to(device, non_blocking=True) for k in keys if batch.get(k) is not None}
+    if normalize is not None:
+        out["pixel_values"] = normalize(out["pixel_values"])
     if compiled:
         for key in ("input_ids", "attention_mask"):
             if key in out:
@@ -197,7 +200,8 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
         check_compatible(resume, cfg.model)
     stream = ShardStream(cfg.data, "train", batch_size=micro, image_size=cfg.model.image_size,
                          context_length=cfg.model.max_text_len, tokenizer=tokenizer, rank=rank,
-                         world_size=world, seed=cfg.run.seed, pin_memory=accelerator.device.type == "cuda")
+                         world_size=world, seed=cfg.run.seed, pin_memory=accelerator.device.type == "cuda",
+                         normalize=False)  # uint8 to the device, normalised there (_to_device)
 
     model.set_grad_checkpointing(t.grad_checkpointing)
     objectives = build_objective_set(model, cfg.objectives)
@@ -244,7 +248,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
             for _ in range(t.accum_steps):
                 raw, it = _next_batch(stream, it, state, micro)
                 tokens += _tokens(raw, image_tokens)  # counted on the host batch: no device sync
-                batches.append(_to_device(raw, accelerator.device, compiled=t.compile))
+                batches.append(_to_device(raw, accelerator.device, stream.normalize, compiled=t.compile))
                 for reason, n in raw.get("skipped", {}).items():
                     window[f"skipped/{reason}"] = window.get(f"skipped/{reason}", 0) + n
             wait = time.perf_counter() - step_start
