@@ -74,6 +74,7 @@ STEPS = {
     "contrastive+captioning": ([{"name": "contrastive"}, {"name": "captioning"}], {}, 1),
     "siglip chunked": ([{"name": "contrastive", "loss": "siglip", "chunk_size": 2}], {}, 1),
     "captioning per caption": ([{"name": "captioning", "per_caption": True}], {}, 1),
+    "CapPa (parallel captions)": ([{"name": "captioning", "parallel_prob": 0.5}], {}, 1),
     "patch dropout": ([{"name": "contrastive"}, {"name": "captioning"}], {"patch_dropout": 0.5}, 1),
     "modality experts": ([{"name": "contrastive"}, {"name": "captioning"}], {"modality_experts": True}, 1),
     "matching": ([{"name": "contrastive"}, {"name": "matching"}], {}, 1),

@@ -179,6 +179,25 @@ def test_cappa_parallel_prediction_reads_only_mask_tokens():
     assert torch.allclose(obj._parallel_states(model, batch), causal, atol=1e-6)
 
 
+def test_cappa_mixes_parallel_and_causal_captions_in_one_pass():
+    model = make_model(text_embed_depth=1)
+    (obj,) = build_objectives([{"name": "captioning", "parallel_prob": 0.5}], model.config)
+    obj.train()
+    batch = random_batch(batch=8, length=8)
+    torch.manual_seed(3)
+    parallel = torch.rand(8) < 0.5  # the draw the objective makes next
+    assert 0 < int(parallel.sum()) < 8
+    torch.manual_seed(3)
+    states = obj._parallel_states(model, batch)
+    px, ids, mask = batch["pixel_values"], batch["input_ids"], batch["attention_mask"]
+    masked = torch.where(mask.bool(), 4, ids)
+    for row in range(8):  # each caption alone, run the way its draw says
+        sub = dict(layout="prefix_lm", cross_from_layer=1, text_causal=not bool(parallel[row]))
+        source = masked if parallel[row] else ids
+        ref = model.backbone(px[row:row + 1], source[row:row + 1], mask[row:row + 1], **sub).text
+        assert torch.allclose(states[row:row + 1], ref, atol=1e-5), row
+
+
 def test_mask_tokens_never_touches_specials_and_splits_80_10_10():
     g = torch.Generator().manual_seed(0)
     ids, mask = torch.randint(5, 1000, (400, 50), generator=g), torch.ones(400, 50, dtype=torch.long)

@@ -12,8 +12,10 @@ attend to which key; it is data built once per batch, not a different network:
 =============  =============================================================================
 
 Text padding is part of the layout (no real token attends to a pad key; a pad query attends to
-itself so its row stays finite). ``cross_from_layer = K`` makes ``prefix_lm``/``fused`` act as
-``separate`` in blocks ``< K``: text reads the image only from block K on (CoCa in one pass).
+itself so its row stays finite). ``text_causal`` may also be a (B,) bool tensor: causal text in those
+rows, bidirectional in the others (CapPa's mix of autoregressive and parallel captions in one pass).
+``cross_from_layer = K`` makes ``prefix_lm``/``fused`` act as ``separate`` in blocks ``< K``: text
+reads the image only from block K on (CoCa in one pass).
 
 The mask rule is written once (:meth:`AttentionLayout.allowed`) with broadcasting tensor ops; the
 dense masks of ``eager``/``sdpa`` and the block masks of ``flex`` are both evaluated from it.
@@ -63,7 +65,7 @@ class AttentionLayout:
     kind: str
     n_image: int
     n_text: int
-    text_causal: bool = True
+    text_causal: bool | torch.Tensor = True  # or (B,) bool: per sequence (its values never read on the host)
     # (B, n_text) bool, False at padding; None: nothing padded. Its values are never read on the host (on an
     # accelerator that waits for the device), so an all-True mask still builds per-row masks
     text_valid: torch.Tensor | None = None
@@ -81,6 +83,21 @@ class AttentionLayout:
             self.text_valid = self.text_valid.bool()
             if self.text_valid.dim() != 2 or self.text_valid.shape[1] != self.n_text:
                 raise ValueError(f"text_valid must have shape (B, {self.n_text}), got {tuple(self.text_valid.shape)}.")
+        if isinstance(self.text_causal, torch.Tensor):
+            self.text_causal = self.text_causal.bool()
+            if self.text_causal.dim() != 1:
+                raise ValueError(f"a per-sequence text_causal must have shape (B,), "
+                                 f"got {tuple(self.text_causal.shape)}.")
+
+    @property
+    def per_row(self) -> bool:
+        """Whether masks differ between the sequences of the batch (padding, or per-sequence causality)."""
+        return self.text_valid is not None or isinstance(self.text_causal, torch.Tensor)
+
+    @property
+    def batch_size(self) -> int | None:
+        rows = self.text_valid if self.text_valid is not None else self.text_causal
+        return rows.shape[0] if isinstance(rows, torch.Tensor) else None
 
     @property
     def length(self) -> int:
@@ -100,7 +117,11 @@ class AttentionLayout:
         """True where query position ``q`` may attend to key position ``kv`` (broadcasting)."""
         q_img, kv_img = q < self.n_image, kv < self.n_image
         both_txt = ~q_img & ~kv_img
-        ok = (q_img & kv_img) | ((both_txt & (kv <= q)) if self.text_causal else both_txt)
+        if isinstance(self.text_causal, torch.Tensor):  # causal in some sequences, bidirectional in the others
+            text_ok = both_txt & ((kv <= q) | ~self.text_causal[b])
+        else:
+            text_ok = (both_txt & (kv <= q)) if self.text_causal else both_txt
+        ok = (q_img & kv_img) | text_ok
         if cross:
             ok = ok | (~q_img & kv_img)
             if self.kind == "fused":
@@ -110,7 +131,7 @@ class AttentionLayout:
         return ok | (q == kv)
 
     def _needs_mask(self, cross: bool) -> bool:
-        if self.text_valid is not None:
+        if self.per_row:
             return True
         if self.kind == "image" or (self.kind == "fused" and cross):
             return False
@@ -126,8 +147,7 @@ class AttentionLayout:
             q = torch.arange(q_offset, q_offset + n_query, device=device)
             kv = torch.arange(self.length, device=device)
             key_valid = self._key_valid()
-            b = torch.arange(key_valid.shape[0], device=device) if key_valid is not None else 0
-            b = b[:, None, None] if key_valid is not None else b
+            b = torch.arange(self.batch_size, device=device)[:, None, None] if self.per_row else 0
             mask = self.allowed(b, q[None, :, None], kv[None, None, :], cross,
                                 key_valid.to(device) if key_valid is not None else None)
             return mask.unsqueeze(1)
@@ -146,7 +166,7 @@ class AttentionLayout:
 
     def is_plain_causal(self, q_offset: int, n_query: int) -> bool:
         """Pure causal text with no padding: SDPA's ``is_causal`` fast path applies."""
-        return (self.kind == "text" and self.text_causal and self.text_valid is None
+        return (self.kind == "text" and self.text_causal is True and not self.per_row
                 and q_offset == 0 and n_query == self.length)
 
     def block_mask(self, layer: int, q_offset: int, n_query: int, device):
@@ -162,8 +182,7 @@ class AttentionLayout:
             def mask_mod(b, h, q, kv):
                 return self.allowed(b, q + q_offset, kv, cross, key_valid)
 
-            batch = key_valid.shape[0] if key_valid is not None else None
-            return create_block_mask(mask_mod, batch, None, n_query, self.length, device=device)
+            return create_block_mask(mask_mod, self.batch_size, None, n_query, self.length, device=device)
 
         return self._cached(("flex", cross, q_offset, n_query, str(device)), build)
 
@@ -173,7 +192,7 @@ class AttentionLayout:
         if self.kind == "image":
             return False
         if self.kind == "text":
-            return self.text_causal
+            return self.text_causal if isinstance(self.text_causal, bool) else None
         if self.kind == "fused" and cross:
             return False
         return None

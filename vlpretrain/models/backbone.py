@@ -192,14 +192,15 @@ class VLBackbone(nn.Module):
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, pixel_values=None, input_ids=None, attention_mask=None, *, layout: str | None = None,
-                text_causal: bool = True, cross_from_layer: int = 0, keep_idx=None, depth: int | None = None,
-                output_layers: tuple[int, ...] = (), cache: KVCache | None = None,
+                text_causal: bool | torch.Tensor = True, cross_from_layer: int = 0, keep_idx=None,
+                depth: int | None = None, output_layers: tuple[int, ...] = (), cache: KVCache | None = None,
                 pooled_only: bool = False) -> BackboneOutput:
         """Run the first ``depth`` blocks (all by default) on image and/or text under a layout.
 
         layout: image | text | prefix_lm | fused | separate; default from the inputs given
         (image only: image, text only: text, both: prefix_lm). ``cache`` enables incremental
         decoding: the first call fills it, later calls pass only the new ``input_ids``.
+        text_causal: causal text (True), bidirectional (False), or a (B,) bool tensor, per sequence.
         pooled_only (``image`` / ``text`` layouts): the last block computes only the token each
         sequence is pooled at (cls; last real token), so ``image`` / ``text`` come out (B, 1, D):
         the same pooled states for ~3/4 less of the last block's matmuls and activations.

@@ -6,8 +6,8 @@ Logits at position t predict token t+1; padding is ignored and image positions c
 
 CapPa (Tschannen et al. 2023) parallel prediction: with probability ``parallel_prob`` per caption
 (in training), the decoder input is all mask tokens and attends bidirectionally, so every token is
-predicted from the image alone. Those captions take their own forward (the layout's causality is
-per batch), and all captions share one loss.
+predicted from the image alone. All captions run in one forward (the layout's causality is per
+caption) and share one loss.
 """
 
 from __future__ import annotations
@@ -51,24 +51,17 @@ class Captioning(Objective):
         self.needs = frozenset() if cfg.parallel_prob > 0 else frozenset({"caption"})
 
     def _parallel_states(self, model: nn.Module, batch: dict) -> torch.Tensor:
-        """(B, T, D) final text states, a random share of captions predicted in parallel (CapPa)."""
+        """(B, T, D) final text states, a random share of captions predicted in parallel (CapPa): those
+        read mask tokens bidirectionally, the others their tokens causally, all in one backbone pass
+        (a per-caption causal flag in the layout: no host read, no split of the batch)."""
         ids, mask, pixels = batch["input_ids"], batch["attention_mask"], batch["pixel_values"]
+        if not self.training:  # evaluation predicts autoregressively
+            return model.backbone(pixels, ids, mask, layout="prefix_lm", cross_from_layer=self.text_embed_depth).text
         parallel = torch.rand(ids.shape[0], device=ids.device) < self.cfg.parallel_prob  # (B,)
-        if not self.training:
-            parallel.zero_()
-        states = None
-        for rows, causal in ((~parallel).nonzero()[:, 0], True), (parallel.nonzero()[:, 0], False):
-            if rows.numel() == 0:
-                continue
-            sub_ids, sub_mask = ids[rows], mask[rows]  # (b', T)
-            if not causal:  # every real position reads a mask token; padding stays padding
-                sub_ids = torch.where(sub_mask.bool(), torch.full_like(sub_ids, self.mask_token_id), sub_ids)
-            out = model.backbone(pixels[rows], sub_ids, sub_mask, layout="prefix_lm", text_causal=causal,
-                                 cross_from_layer=self.text_embed_depth)
-            if states is None:
-                states = out.text.new_empty(ids.shape[0], *out.text.shape[1:])  # (B, T, D)
-            states = states.index_copy(0, rows, out.text)
-        return states
+        # every real position of a parallel caption reads a mask token; padding stays padding
+        ids = torch.where(parallel[:, None] & mask.bool(), torch.full_like(ids, self.mask_token_id), ids)
+        return model.backbone(pixels, ids, mask, layout="prefix_lm", text_causal=~parallel,
+                              cross_from_layer=self.text_embed_depth).text
 
     def forward(self, model: nn.Module, batch: dict, shared: SharedFeatures) -> ObjectiveOutput:
         ids, mask = batch["input_ids"], batch["attention_mask"]
