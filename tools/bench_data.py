@@ -6,7 +6,8 @@ number of DataLoader workers; ours as the trainer takes it: uint8 batches from t
 normalised by the consumer (here on the CPU, in the main process). OpenCLIP's side is its own code: ``wds.decode("pilrgb")`` +
 ``open_clip.transform.image_transform(224, is_train=True)`` + its tokenizer, in a ``wds.WebLoader``.
 Runs are interleaved (A B B A A B ...) and the ratio is taken from medians, because the machine is shared.
-Peak RSS per worker is the largest ``VmHWM`` seen in /proc for the worker processes.
+Rates are steady-state: timed from each run's first batch. Peak RSS per worker is the largest
+``VmHWM`` seen in /proc for the worker processes.
 
     python tools/bench_data.py [--samples 512] [--workers 2] [--rounds 4]
 
@@ -108,11 +109,19 @@ def openclip(shards: Path, workers: int, batch_size: int):
 
 
 def timed(make_batches) -> tuple[float, int, int]:
+    """(samples/s in the steady state, samples seen, peak worker RSS). The clock starts at the first
+    batch: worker start-up (fork, imports, first reads) is a per-epoch constant that on a short run
+    on a shared machine would dominate the figure's noise."""
     with PeakRSS() as rss:
-        start = time.perf_counter()
-        n = sum(int(images.shape[0]) for images, _ in make_batches())
-        seconds = time.perf_counter() - start
-    return n / seconds, n, rss.peak
+        n, steady, first = 0, 0, None
+        for images, _ in make_batches():
+            n += int(images.shape[0])
+            if first is None:
+                first = time.perf_counter()
+            else:
+                steady += int(images.shape[0])
+        seconds = time.perf_counter() - first
+    return steady / seconds, n, rss.peak
 
 
 def main() -> None:
