@@ -163,7 +163,7 @@ def _to_device(batch: dict, device, normalize=None, compiled: bool = False) -> d
     variant, and accumulation's three variants exceed dynamo's limit of 8 graphs, after which it runs eager)."""
     keys = ("pixel_values", "input_ids", "attention_mask")
     out = {k: batch[k].to(device, non_blocking=True) for k in keys if batch.get(k) is not None}
-    if normalize is not None:
+    if normalize is not None and "pixel_values" in out:
         out["pixel_values"] = normalize(out["pixel_values"])
     if compiled:
         for key in ("input_ids", "attention_mask"):
