@@ -75,3 +75,44 @@ def test_varied_text_lengths_share_one_graph_and_the_flop_counter_counts_inside_
     # one graph per call: accumulation's no-grad embedding pass, and its recompute with and without the
     # coupled objectives' parameter gradients (added on the last micro-batch only)
     assert counters["stats"]["unique_graphs"] == (3 if accumulate else 1)
+
+
+
+def _in_place_writes(fn, *args) -> dict[str, bool]:
+    """``fn(*args)`` compiled: for each input tensor dynamo's graph writes in place, whether it is static
+    (a parameter, or tagged static by dynamo: buffers, tensors reached through module attributes)."""
+    torch._dynamo.reset()
+    writes: dict[str, bool] = {}
+
+    def backend(gm, example_inputs):
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        for node in gm.graph.nodes:
+            name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+            if node.op in ("call_method", "call_function") and name.endswith("_") and not name.startswith("_") \
+                    and node.args and node.args[0] in placeholders:
+                tensor = example_inputs[placeholders.index(node.args[0])]
+                writes[f"{name} {node.args[0].name}"] = (isinstance(tensor, torch.nn.Parameter)
+                                                          or hasattr(tensor, "_dynamo_static_input_type"))
+        return gm.forward
+
+    torch.compile(fn, backend=backend)(*args)
+    return writes
+
+
+def test_a_compiled_step_writes_in_place_only_to_static_inputs():
+    # CUDA graphs (train.compile_mode=reduce-overhead) replay a graph only if every input it changes in place
+    # has a static address; otherwise inductor runs that graph without CUDA graphs, silently. The trainer's
+    # graph writes in place to the FLOP counter's in-graph total and to the clamped logit scale.
+    from vlpretrain.train.flops import FlopCounter
+    from vlpretrain.train.loop import _to_device
+
+    def add_to(total, x):
+        total.add_(x.sum())
+
+    assert _in_place_writes(add_to, torch.zeros(()), torch.ones(3)) == {"add_ l_total_": False}  # the check sees it
+    objectives = build_objective_set(make_model(text_embed_depth=1), [{"name": "contrastive"}, {"name": "captioning"}])
+    counter = FlopCounter(objectives)
+    writes = _in_place_writes(objectives, _to_device(random_batch(batch=4, length=9), "cpu", compiled=True))
+    assert any("flops" in k for k in writes) and any("logit_scale" in k for k in writes), writes
+    assert all(writes.values()), {k for k, static in writes.items() if not static}
+    assert counter.take_flops() > 0

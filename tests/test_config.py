@@ -55,6 +55,12 @@ def test_resolved_config_prints_and_loads_back(tmp_path):
     ("", ["model.eos_token_id=50000"], r"model.eos_token_id: 50000 is outside the vocabulary"),
     ("", ["depth"], r"override 'depth' is not of the form key.sub=value"),
     ("", ["data.worker_priority=lowest"], r"data.worker_priority: 'lowest' is not one of idle, low, normal"),
+    ("", ["data.pad_multiple=0"], r"data.pad_multiple: 0 must be >= 1"),
+    ("", ["train.compile=true", "train.compile_mode=fast"], r"train.compile_mode: 'fast' is not one of default, "),
+    ("", ["train.compile_mode=reduce-overhead"], r"train.compile_mode: 'reduce-overhead' applies under torch.compile only; "
+                                                 r"set train.compile=true"),
+    ("", ["train.compile=true", "train.compile_mode=reduce-overhead", "train.accum_steps=2"],
+     r"train.compile_mode: 'reduce-overhead' replays CUDA graphs.*need train.compile_mode=default"),
 ])
 def test_bad_config_names_the_key_and_the_fix(tmp_path, text, overrides, match):
     with pytest.raises(ConfigError, match=match):

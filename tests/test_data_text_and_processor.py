@@ -53,6 +53,31 @@ def test_encode_captions_pads_to_longest_and_keeps_eos_when_truncating(corpus):
     assert encode_captions(tok, ["a red circle"], 64)["input_ids"].shape[1] == short
 
 
+def test_pad_multiple_rounds_the_padded_length_up_capped_at_the_context(corpus):
+    tok = load_tokenizer(corpus / "tokenizer")
+    captions = ["a red circle", "a small red circle left of a large blue square"]
+    longest = encode_captions(tok, captions, 64)
+    n = longest["input_ids"].shape[1]
+    for multiple, context in ((8, 64), (5, 64), (n, 64), (64, 40)):
+        out = encode_captions(tok, captions, context, pad_multiple=multiple)
+        width = min(-(-n // multiple) * multiple, context)
+        assert out["input_ids"].shape == (2, width), (multiple, context)
+        # the real tokens are the longest padding's; the rest is padding, masked out
+        assert torch.equal(out["input_ids"][:, :n], longest["input_ids"])
+        assert torch.equal(out["attention_mask"][:, :n], longest["attention_mask"])
+        assert (out["input_ids"][:, n:] == tok.pad_token_id).all() and (out["attention_mask"][:, n:] == 0).all()
+    with pytest.raises(ValueError, match="pad_multiple=0 must be >= 1"):
+        encode_captions(tok, captions, 64, pad_multiple=0)
+
+
+def test_stream_pads_to_data_pad_multiple(corpus):
+    tok = load_tokenizer(corpus / "tokenizer")
+    widths = {multiple: [b["input_ids"].shape[1] for _, b in zip(range(3), make_stream(
+        data_config(corpus, num_workers=0, pad_multiple=multiple), "val", batch_size=4, tokenizer=tok))]
+        for multiple in (1, 8)}
+    assert widths[8] == [min(-(-w // 8) * 8, 32) for w in widths[1]] and any(w % 8 for w in widths[1])
+
+
 def test_processor_matches_eval_stream_round_trips_and_feeds_the_model(corpus, tmp_path):
     cfg = data_config(corpus, num_workers=0)
     tok = load_tokenizer(corpus / "tokenizer")

@@ -190,3 +190,34 @@ def test_init_from_a_checkpoint_folder_starts_from_its_weights(synth_root, tmp_p
     assert model_keys and all((after[k] - before[k]).abs().max() < 1e-12 for k in model_keys)
     saved = load_config(second / "config.yaml")
     assert saved.model.patch_dropout == 0.25 and saved.model.width == 64  # own training keys, pretrained shape
+
+
+def test_compiled_run_with_cuda_graph_mode_marks_each_step_and_equals_eager(synth_root, tmp_path, monkeypatch, capsys,
+                                                                            fresh_accelerate_state):
+    # train.compile under a CUDA-graph mode: torch.compile gets the mode, and each step starts a new
+    # CUDA-graph iteration (the step before's graph outputs may be overwritten only from there on). The
+    # compiled trainer (dynamo + AOTAutograd; aot_eager: no code generation, seconds) logs the eager losses.
+    from accelerate.state import AcceleratorState
+
+    real_compile, modes, marks = torch.compile, [], []
+
+    def compile_without_codegen(module, mode=None):
+        modes.append(mode)
+        return real_compile(module, backend="aot_eager")
+
+    monkeypatch.setattr(torch, "compile", compile_without_codegen)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(True))
+    quick = ["train.export=false", "data.val=null", "data.pad_multiple=8"]
+
+    def losses(run_dir):
+        return [r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+    torch._dynamo.reset()
+    run(synth_root, tmp_path / "compiled", *quick, "train.compile=true", "train.compile_mode=reduce-overhead")
+    assert modes == ["reduce-overhead"] and len(marks) == 6
+    assert "train.compile_mode=reduce-overhead: CUDA graphs apply on CUDA devices only" in capsys.readouterr().out
+    AcceleratorState._reset_state(True)
+    run(synth_root, tmp_path / "eager", *quick)
+    assert len(modes) == 1 and len(marks) == 6
+    compiled, eager = losses(tmp_path / "compiled"), losses(tmp_path / "eager")
+    assert len(compiled) == 6 and max(abs(a - b) for a, b in zip(compiled, eager)) < 1e-4, (compiled, eager)

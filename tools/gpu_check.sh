@@ -34,10 +34,12 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 "$PY" -c "import vlpretrain, omegaconf, webdataset, open_clip, torch; print('torch', torch.__version__)" || exit 1
 PYTHONUNBUFFERED=1 timeout 400 "$PY" tools/gpu_check.py "$OUT/gpu_check.json"
-# the real trainer on the GPU under torch.compile (data pipeline, loop, logging; captions padded to each
-# batch's longest, so the text length varies): one JSON line of figures. Logged every 5 steps (the loop
-# reads the device on the host at log steps only); resampled data (no epoch restarts of 12 workers).
-BENCH="--config configs/coca-base.yaml --log-every 5 data.synthesize=1024 data.mode=resampled data.num_workers=12 train.steps=40 train.batch_size=128 train.precision=bf16 train.compile=true"
+# the real trainer on the GPU under torch.compile with CUDA graphs (data pipeline, loop, logging; captions
+# padded to a multiple of 8 of each batch's longest: one CUDA graph per such length): one JSON line of
+# figures. Logged every 5 steps (the loop reads the device on the host at log steps only); resampled data
+# (no epoch restarts of 12 workers). gpu_check.json's train_base_bf16_compiled/_cudagraphs are the same
+# model without the trainer, with and without CUDA graphs.
+BENCH="--config configs/coca-base.yaml --log-every 5 data.synthesize=1024 data.mode=resampled data.num_workers=12 data.pad_multiple=8 train.steps=40 train.batch_size=128 train.precision=bf16 train.compile=true train.compile_mode=reduce-overhead"
 timeout 150 "$PY" tools/bench.py $BENCH > "$OUT/bench_gpu.json" || echo "bench.py failed"
 # two or more GPUs: the same under FSDP (2 processes), world size taken from the figures
 if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then

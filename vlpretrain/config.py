@@ -150,6 +150,10 @@ class OptimConfig:
         raise_first_failure(checks)
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that replay CUDA graphs
+
+
 @dataclass
 class TrainConfig:
     """The optimisation loop (vlpretrain.train.loop)."""
@@ -176,6 +180,10 @@ class TrainConfig:
     """Recompute block activations in backward to save memory."""
     compile: bool = False
     """torch.compile the model and objectives."""
+    compile_mode: str = "default"
+    """torch.compile's mode under train.compile: default, max-autotune-no-cudagraphs, or with CUDA graphs
+    on GPUs (the host launches a whole step at once) reduce-overhead or max-autotune. CUDA graphs need
+    train.accum_steps=1, and record a graph per caption length (set data.pad_multiple=8)."""
     trackers: list[str] = field(default_factory=list)
     """Accelerate trackers to log to: wandb (WANDB_MODE=offline works), tensorboard."""
     init_from: Optional[str] = None
@@ -193,6 +201,14 @@ class TrainConfig:
             (self.batch_size >= 1, "train.batch_size", f"{self.batch_size} must be >= 1"),
             (self.accum_steps >= 1, "train.accum_steps", f"{self.accum_steps} must be >= 1"),
             (self.precision in ("no", "bf16", "fp16"), "train.precision", f"'{self.precision}' is not one of no, bf16, fp16"),
+            (self.compile_mode in COMPILE_MODES, "train.compile_mode",
+             f"'{self.compile_mode}' is not one of {', '.join(COMPILE_MODES)}"),
+            (self.compile or self.compile_mode == "default", "train.compile_mode",
+             f"'{self.compile_mode}' applies under torch.compile only; set train.compile=true"),
+            (self.accum_steps == 1 or self.compile_mode not in CUDA_GRAPH_MODES, "train.compile_mode",
+             f"'{self.compile_mode}' replays CUDA graphs, whose outputs each replay overwrites; accumulation's "
+             f"micro-batches (train.accum_steps={self.accum_steps}) need train.compile_mode=default or "
+             f"max-autotune-no-cudagraphs, or train.accum_steps=1"),
             (self.log_every >= 1, "train.log_every", f"{self.log_every} must be >= 1"),
             (self.ckpt_every >= 0, "train.ckpt_every", f"{self.ckpt_every} must be >= 0"),
             (self.keep_last >= 1, "train.keep_last", f"{self.keep_last} must be >= 1"),
@@ -262,6 +278,10 @@ class DataConfig:
     """Which caption trains when a sample has several (a .json ``captions`` list): random (a fresh draw
     each time the sample is read, a text augmentation) or first (always the first, the one the .txt
     holds and the one validation scores; what trainers reading only .txt see, OpenCLIP's included)."""
+    pad_multiple: int = 1
+    """Captions are right-padded to the batch's longest, rounded up to a multiple of this (capped at the
+    context length). 1: the longest (least compute). 8 on GPUs: aligned shapes, and at most
+    context/8 text lengths, each of which records its own CUDA graph under train.compile_mode=reduce-overhead."""
     shuffle_buffer: int = 1000
     """Samples (raw bytes, not decoded) held for shuffling across shards; 0 or 1 disables sample shuffling."""
     crop_scale: list[float] = field(default_factory=lambda: [0.9, 1.0])
@@ -292,6 +312,7 @@ class DataConfig:
              f"'{self.worker_priority}' is not one of idle, low, normal"),
             (self.captions in ("random", "first"), "data.captions", f"'{self.captions}' is not one of random, first"),
             (self.shuffle_buffer >= 0, "data.shuffle_buffer", f"{self.shuffle_buffer} must be >= 0"),
+            (self.pad_multiple >= 1, "data.pad_multiple", f"{self.pad_multiple} must be >= 1 (1: pad to the longest caption)"),
             (len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1,
              "data.crop_scale", f"{self.crop_scale} must be [low, high] with 0 < low <= high <= 1"),
             (len(self.crop_ratio) == 2 and 0 < self.crop_ratio[0] <= self.crop_ratio[1],

@@ -90,8 +90,9 @@ class ShardDataset(IterableDataset):
     def __init__(self, sources: list[list[str]], *, transform: ImageTransform, tokenizer,
                  context_length: int, batch_size: int, resampled: bool, weights: list[float] | None,
                  shuffle: bool, buffer_size: int, seed: int, rank: int, world_size: int, num_workers: int,
-                 random_caption: bool = True, normalize: bool = True):
+                 random_caption: bool = True, normalize: bool = True, pad_multiple: int = 1):
         self.sources, self.transform, self.tokenizer = sources, transform, tokenizer
+        self.pad_multiple = pad_multiple
         self.normalize_pixels = normalize  # False: uint8 pixels, normalised by the consumer
         self.random_caption = random_caption
         self.context_length, self.batch_size = context_length, batch_size
@@ -140,7 +141,8 @@ class ShardDataset(IterableDataset):
     def _batch(self, items: list, worker: int, cursor: int, skips: SkipCounter) -> dict[str, Any]:
         pixels = torch.stack([p for p, _, _ in items])  # (B, 3, S, S) uint8
         batch = {"pixel_values": self.transform.normalize(pixels) if self.normalize_pixels else pixels}
-        batch.update(encode_captions(self.tokenizer, [c for _, c, _ in items], self.context_length))
+        batch.update(encode_captions(self.tokenizer, [c for _, c, _ in items], self.context_length,
+                                     self.pad_multiple))
         batch["keys"] = [k for _, _, k in items]
         batch.update(_worker=worker, _cursor=cursor, _skipped=skips.take())
         return batch
@@ -219,7 +221,8 @@ class ShardStream:
             context_length=context_length, batch_size=batch_size, resampled=self.resampled,
             weights=cfg.train_weights if self.resampled else None, shuffle=self.train,
             buffer_size=cfg.shuffle_buffer, seed=seed, rank=rank, world_size=world_size,
-            num_workers=max(self.num_workers, 1), random_caption=cfg.captions == "random", normalize=normalize)
+            num_workers=max(self.num_workers, 1), random_caption=cfg.captions == "random", normalize=normalize,
+            pad_multiple=cfg.pad_multiple)
         self.timeout, self.worker_priority, self.pin_memory = cfg.timeout, cfg.worker_priority, pin_memory
         self.skipped_by_shard: dict[str, dict[str, int]] = {}
         self._delivered = {w: 0 for w in range(self.dataset.num_workers)}

@@ -99,15 +99,20 @@ def load_tokenizer(path: str | Path):
     return tok
 
 
-def encode_captions(tokenizer, captions: list[str], context_length: int) -> dict[str, torch.Tensor]:
-    """Captions -> ``input_ids``/``attention_mask`` (B, T), T = longest ``BOS ... EOS`` capped at
-    ``context_length``; truncation keeps EOS; right padding with the pad id."""
+def encode_captions(tokenizer, captions: list[str], context_length: int, pad_multiple: int = 1
+                    ) -> dict[str, torch.Tensor]:
+    """Captions -> ``input_ids``/``attention_mask`` (B, T), T = longest ``BOS ... EOS`` rounded up to a
+    multiple of ``pad_multiple``, capped at ``context_length``; truncation keeps EOS; right padding with
+    the pad id."""
     if context_length < 2:
         raise ValueError(f"context_length={context_length} leaves no room for BOS and EOS.")
+    if pad_multiple < 1:
+        raise ValueError(f"pad_multiple={pad_multiple} must be >= 1 (1: pad to the longest caption).")
     pieces = tokenizer(list(captions), add_special_tokens=False)["input_ids"]
     bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
     rows = [[bos, *p[: context_length - 2], eos] for p in pieces]
     width = max((len(r) for r in rows), default=2)
+    width = min(-(-width // pad_multiple) * pad_multiple, context_length)
     input_ids = torch.full((len(rows), width), pad, dtype=torch.long)  # (B, T)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
     for i, row in enumerate(rows):

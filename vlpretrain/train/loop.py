@@ -20,7 +20,7 @@ from accelerate import Accelerator, DistributedDataParallelKwargs
 from accelerate.utils import DistributedType
 from accelerate.utils import set_seed
 
-from vlpretrain.config import ConfigError, ExperimentConfig, to_yaml
+from vlpretrain.config import CUDA_GRAPH_MODES, ConfigError, ExperimentConfig, to_yaml
 from vlpretrain.data.processor import VLProcessor
 from vlpretrain.data.shards import ShardStream
 from vlpretrain.data.bootstrap import ensure_synthetic
@@ -172,6 +172,17 @@ def _to_device(batch: dict, device, normalize=None, compiled: bool = False) -> d
     return out
 
 
+def _cuda_graph_note(mode: str, device: torch.device, pad_multiple: int) -> str:
+    """What a run under a CUDA-graph compile mode prints before its first step."""
+    if device.type != "cuda":
+        return f"train.compile_mode={mode}: CUDA graphs apply on CUDA devices only; on {device.type} it compiles without them"
+    note = f"train.compile_mode={mode}: each step replays CUDA graphs (recorded on the first steps of each shape)"
+    if pad_multiple == 1:
+        note += ("; captions are padded to each batch's longest, so every new caption length records another "
+                 "graph: data.pad_multiple=8 bounds them to context/8")
+    return note
+
+
 def train(cfg: ExperimentConfig) -> dict[str, Any]:
     """Run the experiment ``cfg``; returns the summary also written to ``run.dir/summary.json``."""
     t = cfg.train
@@ -208,8 +219,11 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
     optimizer = build_optimizer(objectives, cfg.optim, accelerator.device)
     scheduler = build_scheduler(optimizer, cfg.optim, t.steps)
     module, optimizer, scheduler = accelerator.prepare(objectives, optimizer, scheduler)
+    cuda_graphs = t.compile and t.compile_mode in CUDA_GRAPH_MODES
     if t.compile:
-        module = torch.compile(module)
+        module = torch.compile(module, mode=None if t.compile_mode == "default" else t.compile_mode)
+        if cuda_graphs:
+            accelerator.print(_cuda_graph_note(t.compile_mode, accelerator.device, cfg.data.pad_multiple))
     set_seed(cfg.run.seed + rank)  # per-rank randomness (patch dropout, masking) from here on
 
     counter = FlopCounter(objectives)
@@ -253,6 +267,8 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
                     window[f"skipped/{reason}"] = window.get(f"skipped/{reason}", 0) + n
             wait = time.perf_counter() - step_start
             module.train()
+            if cuda_graphs:  # a new iteration: the previous step's graph outputs may be overwritten from here on
+                torch.compiler.cudagraph_mark_step_begin()
             with low_precision_context(accelerator, t.precision):
                 if t.accum_steps == 1:
                     out = module(batches[0])
