@@ -1,6 +1,7 @@
 """``train.compile``: the objective set under torch.compile traces as one graph (no host sync splits it)
 and gives the eager loss and gradients; the logit-scale clamp acts on the parameter inside the graph too.
-Dynamo and AOTAutograd are what is checked (the ``aot_eager`` backend: no code generation, seconds)."""
+Dynamo and AOTAutograd are what is checked (the ``aot_eager`` backend: no code generation, seconds), but
+for one case of inductor's code generation that lost the loss's graph (~40 s)."""
 
 from __future__ import annotations
 
@@ -116,3 +117,20 @@ def test_a_compiled_step_writes_in_place_only_to_static_inputs():
     assert any("flops" in k for k in writes) and any("logit_scale" in k for k in writes), writes
     assert all(writes.values()), {k for k, static in writes.items() if not static}
     assert counter.take_flops() > 0
+
+
+def test_inductor_keeps_the_graph_of_a_lone_objectives_loss():
+    # one objective of weight 1: the total is that objective's loss, which the output also holds detached.
+    # Inductor (real code generation here, not aot_eager) returned one tensor for both outputs, marked
+    # non-differentiable, so the trainer's backward failed ("does not require grad") on the default config.
+    torch._dynamo.reset()
+    eager = build_objective_set(make_model(depth=1, text_embed_depth=0), [{"name": "contrastive"}])
+    twin = copy.deepcopy(eager)
+    batch = random_batch(batch=4, length=6)
+    got, want = torch.compile(twin)(batch), eager(batch)
+    assert got.loss.requires_grad and got.loss is not got.losses["contrastive"]
+    got.loss.backward()
+    want.loss.backward()
+    assert torch.allclose(got.loss, want.loss, rtol=1e-5, atol=1e-6)
+    worst, where = max_grad_diff(grads_of(twin), grads_of(eager))
+    assert worst < 1e-4, f"gradients differ by {worst} at {where}"

@@ -13,7 +13,9 @@ reports, over the steps after the first ``--warmup``:
   table value or this CPU's measured matmul rate, see ``vlpretrain.train.flops``);
 - ``peak_rss_mb`` (this process's high-water mark), ``peak_rss_workers_mb`` (the largest data
   worker's), ``peak_gpu_mb`` on a GPU;
-- ``eval`` (``--eval``): the final validation figures on ``data.val``.
+- ``eval`` (``--eval``): the final validation figures on ``data.val``;
+- ``compiled`` (``train.compile``): dynamo's graphs and graph breaks, and inductor's count of graphs it
+  ran without CUDA graphs under a CUDA-graph ``train.compile_mode`` (the reasons: ``TORCH_LOGS=cudagraphs``).
 
 Not a test: it asserts nothing. For ratios against another trainer, see ``tools/compare_openclip.py``.
 """
@@ -97,6 +99,12 @@ def main(argv: list[str] | None = None) -> int:
         skipped_samples=summary["skipped_samples"])
     if torch.cuda.is_available():
         figures["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    if cfg.train.compile:  # what the compiler did: graphs, breaks, and graphs run without CUDA graphs
+        from torch._dynamo.utils import counters
+
+        figures["compiled"] = {"mode": cfg.train.compile_mode, "graphs": counters["stats"]["unique_graphs"],
+                               "graph_breaks": sum(counters["graph_break"].values()),
+                               "cudagraph_skips": counters["inductor"]["cudagraph_skips"]}
     if args.eval:
         figures["eval"] = {k: v for k, v in summary["eval"].items() if isinstance(v, (int, float))}
     print(json.dumps(figures))

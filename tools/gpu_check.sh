@@ -40,7 +40,7 @@ PYTHONUNBUFFERED=1 timeout 400 "$PY" tools/gpu_check.py "$OUT/gpu_check.json"
 # (no epoch restarts of 12 workers). gpu_check.json's train_base_bf16_compiled/_cudagraphs are the same
 # model without the trainer, with and without CUDA graphs.
 BENCH="--config configs/coca-base.yaml --log-every 5 data.synthesize=1024 data.mode=resampled data.num_workers=12 data.pad_multiple=8 train.steps=40 train.batch_size=128 train.precision=bf16 train.compile=true train.compile_mode=reduce-overhead"
-timeout 150 "$PY" tools/bench.py $BENCH > "$OUT/bench_gpu.json" || echo "bench.py failed"
+TORCH_LOGS=cudagraphs timeout 150 "$PY" tools/bench.py $BENCH > "$OUT/bench_gpu.json" || echo "bench.py failed"
 # two or more GPUs: the same under FSDP (2 processes), world size taken from the figures
 if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
   timeout 180 "$PY" -m accelerate.commands.launch --config_file configs/accelerate/fsdp-8gpu.yaml --num_processes 2 \

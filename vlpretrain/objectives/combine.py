@@ -99,7 +99,7 @@ class ObjectiveSet(nn.Module):
         if embed_only:
             out.embeddings = {k: o.embed(self.model, batch, shared) for k, o in self.coupled().items()}
             return out
-        total = None
+        terms = []
         for key, obj in self.objectives.items():
             if grad_cache is not None and obj.coupled:
                 # surrogate: <embedding, cached gradient> (+ <parameter, its gradient> once) has the
@@ -115,6 +115,9 @@ class ObjectiveSet(nn.Module):
                 out.losses[key] = res.loss.detach()
                 out.metrics.update({f"{key}/{m}": v.detach() for m, v in res.metrics.items()})
                 term = obj.weight * res.loss * (grad_cache.share if grad_cache is not None else 1.0)
-            total = term if total is None else total + term
-        out.loss = total
+            terms.append(term)
+        # a new tensor, never one the output also holds detached: with one objective of weight 1 the total
+        # is its loss, and torch.compile's inductor then returned one tensor for both outputs, marked
+        # non-differentiable (the compiled loss had no graph; torch 2.14, tests/test_compile.py)
+        out.loss = torch.stack(terms).sum()
         return out
