@@ -132,3 +132,21 @@ def test_inductor_keeps_the_graph_of_a_lone_objectives_loss():
     assert torch.allclose(got.loss, want.loss, rtol=1e-5, atol=1e-6)
     worst, where = max_grad_diff(grads_of(twin), grads_of(eager))
     assert worst < 1e-4, f"gradients differ by {worst} at {where}"
+
+
+@pytest.mark.parametrize("masked", ["masked_text", "masked_image"])
+def test_masking_objectives_compile_with_a_dynamic_caption_length(masked):
+    # the trainer marks the caption length dynamic; a random draw sized by it must trace (passing
+    # generator=None picked the overload that rejects symbolic sizes: masked_text failed to compile)
+    from vlpretrain.train.loop import _to_device
+
+    torch._dynamo.reset()
+    eager = build_objective_set(make_model(depth=1), [{"name": "contrastive"}, {"name": masked}])
+    compiled = torch.compile(copy.deepcopy(eager), backend="aot_eager")
+    for length in (9, 7):
+        batch = random_batch(batch=4, length=length)
+        torch.manual_seed(length)
+        want = eager(batch).loss
+        torch.manual_seed(length)
+        got = compiled(_to_device(batch, "cpu", compiled=True)).loss
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), (length, got, want)

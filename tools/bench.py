@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
                              "only, so on a GPU a larger value measures the loop as it runs unobserved")
     parser.add_argument("--eval", action="store_true", help="evaluate on data.val after the last step")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options and key=value overrides in any order
 
     import torch
 

@@ -58,6 +58,12 @@ def next_token_accuracy(logits: torch.Tensor, labels: torch.Tensor,
     return hit.sum().float() / counted.sum().clamp(min=1)
 
 
+def _generator(generator: torch.Generator | None) -> dict:
+    """``generator=`` for a random factory only when one is given: under torch.compile the overload taking a
+    generator (even None) rejects a symbolic size, e.g. the caption length the trainer marks dynamic."""
+    return {"generator": generator} if generator is not None else {}
+
+
 def mask_tokens(input_ids: torch.Tensor, candidates: torch.Tensor, mask_ratio: float, mask_token_id: int,
                 vocab_size: int, mask_share: float = 0.8, random_share: float = 0.1,
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,13 +75,13 @@ def mask_tokens(input_ids: torch.Tensor, candidates: torch.Tensor, mask_ratio: f
     itself otherwise (80/10/10 by default). The loss is computed on every selected position.
     """
     def draw(shape):
-        return torch.rand(shape, generator=generator, device=input_ids.device)
+        return torch.rand(shape, device=input_ids.device, **_generator(generator))
 
     selected = candidates & (draw(input_ids.shape) < mask_ratio)  # (B, T)
     action = draw(input_ids.shape)  # one uniform draw decides mask / random / keep
     to_mask = selected & (action < mask_share)
     to_random = selected & (action >= mask_share) & (action < mask_share + random_share)
-    random_ids = torch.randint(vocab_size, input_ids.shape, generator=generator, device=input_ids.device)
+    random_ids = torch.randint(vocab_size, input_ids.shape, device=input_ids.device, **_generator(generator))
     corrupted = torch.where(to_mask, torch.full_like(input_ids, mask_token_id), input_ids)
     corrupted = torch.where(to_random, random_ids, corrupted)
     labels = torch.where(selected, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
@@ -188,7 +194,7 @@ def random_masking(batch: int, num_patches: int, mask_ratio: float, device=None,
     ``[kept tokens ; mask tokens]`` with it puts every token back at its patch position.
     """
     keep = max(1, round(num_patches * (1 - mask_ratio)))
-    noise = torch.rand(batch, num_patches, device=device, generator=generator)  # (B, P)
+    noise = torch.rand(batch, num_patches, device=device, **_generator(generator))  # (B, P)
     ids_shuffle = noise.argsort(dim=1)  # (B, P)
     ids_restore = ids_shuffle.argsort(dim=1)  # (B, P)
     mask = torch.ones(batch, num_patches, device=device)
