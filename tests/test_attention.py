@@ -198,3 +198,23 @@ def test_unknown_backend_and_layout_are_clear_errors():
         model.backbone(pixel_values=px, input_ids=ids, layout="cross")
     with pytest.raises(ValueError, match="layout 'image' takes no text"):
         model.backbone(pixel_values=px, input_ids=ids, layout="image")
+
+
+@pytest.mark.parametrize("kind", LAYOUTS_WITH_TEXT + ["image"])
+@pytest.mark.parametrize("rows", ["padded", "per_sequence_causal", "uniform"])
+def test_query_mask_is_the_dense_masks_rows_at_the_query_positions(kind, rows):
+    # a block computing only pooled tokens builds just the rows of its queries, never the whole mask
+    n_image, n_text = (5, 0) if kind == "image" else ((0, 6) if kind == "text" else (5, 6))
+    valid = torch.tensor([[True] * n_text, [True] * 4 + [False] * (n_text - 4), [True] * 2 + [False] * (n_text - 2)])
+    causal = torch.tensor([True, False, True]) if rows == "per_sequence_causal" and n_text else True
+    layout = AttentionLayout(kind, n_image, n_text, text_causal=causal,
+                             text_valid=valid if rows == "padded" and n_text else None, cross_from_layer=1)
+    query = torch.tensor([0, n_image + 2, n_image + n_text - 1]).clamp(max=layout.length - 1)
+    for layer in (0, 1):
+        dense = layout.dense_mask(layer, 0, layout.length, "cpu")
+        got = layout.query_mask(layer, query, "cpu")
+        if dense is None:
+            assert got is None
+            continue
+        want = dense.expand(3, -1, -1, -1)[torch.arange(3), :, query].unsqueeze(2)  # (B, 1, 1, L)
+        assert got.shape == (3, 1, 1, layout.length) and torch.equal(got.expand_as(want), want), (layer, got, want)

@@ -154,6 +154,19 @@ class AttentionLayout:
 
         return self._cached(("dense", cross, q_offset, n_query, str(device)), build)
 
+    def query_mask(self, layer: int, query_index: torch.Tensor, device) -> torch.Tensor | None:
+        """Boolean mask (B, 1, 1, Lkv) of one query per sequence at positions ``query_index`` (B,); None when
+        all may attend. The rows of :meth:`dense_mask` at those positions, built without the whole mask."""
+        cross = self.crosses(layer)
+        if not self._needs_mask(cross):
+            return None
+        kv = torch.arange(self.length, device=device)
+        key_valid = self._key_valid()
+        b = torch.arange(query_index.shape[0], device=device)[:, None, None] if self.per_row else 0
+        mask = self.allowed(b, query_index[:, None, None], kv[None, None, :], cross,
+                            key_valid.to(device) if key_valid is not None else None)  # (B, 1, L)
+        return mask.unsqueeze(1)
+
     def _cached(self, key: tuple, build):
         """``build()`` once per ``key`` for this layout (one batch). Inside torch.compile the key's sizes are
         symbolic, and a dict lookup would pin them to this batch's values (one graph per text length, up to
@@ -277,10 +290,7 @@ def attend(q, k, v, layout: AttentionLayout, layer: int, backend: str, q_offset:
     query_index: (B,) the one position each row's single query (Lq = 1) sits at, for a block that
     computes only pooled tokens; it runs on the dense-mask row of that position (eager or SDPA)."""
     if query_index is not None:
-        mask = layout.dense_mask(layer, 0, layout.length, q.device)  # (B or 1, 1, L, L) or None
-        if mask is not None:
-            rows = torch.arange(q.shape[0], device=q.device)
-            mask = mask.expand(q.shape[0], -1, -1, -1)[rows, :, query_index].unsqueeze(2)  # (B, 1, 1, L)
+        mask = layout.query_mask(layer, query_index, q.device)  # (B, 1, 1, L) or None
         return _eager(q, k, v, mask) if backend == "eager" else F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     n_query = q.shape[2]
     if backend == "flash_attn":
