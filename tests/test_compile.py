@@ -150,3 +150,19 @@ def test_masking_objectives_compile_with_a_dynamic_caption_length(masked):
         torch.manual_seed(length)
         got = compiled(_to_device(batch, "cpu", compiled=True)).loss
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), (length, got, want)
+
+
+def test_gradient_checkpointing_compiles_with_eager_losses_and_gradients():
+    # torch.compile takes no context_fn but TorchDispatchModes: the emulation's checkpoint context stays eager
+    torch._dynamo.reset()
+    model = make_model(depth=2, text_embed_depth=1)
+    model.set_grad_checkpointing(True)
+    eager = build_objective_set(model, [{"name": "contrastive"}, {"name": "captioning"}])
+    twin = copy.deepcopy(eager)
+    batch = random_batch(batch=4, length=8)
+    got, want = torch.compile(twin, backend="aot_eager")(batch), eager(batch)
+    got.loss.backward()
+    want.loss.backward()
+    assert torch.allclose(got.loss, want.loss, rtol=1e-5, atol=1e-6)
+    worst, where = max_grad_diff(grads_of(twin), grads_of(eager))
+    assert worst < 1e-5, f"gradients differ by {worst} at {where}"

@@ -89,7 +89,8 @@ def emulation_active() -> bool:
 
 def checkpoint_contexts():
     """``context_fn`` for ``torch.utils.checkpoint``: the recomputation in the backward runs under the
-    emulation the forward ran under (a function mode entered around the step does not reach it)."""
+    emulation the forward ran under (a function mode entered around the step does not reach it). Eager
+    only: torch.compile recomputes from the graph it traced, emulation included, and takes no context."""
     recompute = EmulatedLowPrecision(_active[-1]) if _active else contextlib.nullcontext()
     return contextlib.nullcontext(), recompute
 

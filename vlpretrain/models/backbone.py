@@ -246,8 +246,10 @@ class VLBackbone(nn.Module):
                 hidden[i] = x
             index = pooled_index if i == depth - 1 else None
             if self.gradient_checkpointing and torch.is_grad_enabled() and cache is None:
+                # (torch.compile recomputes from its traced graph and takes no context_fn)
+                context = {} if torch.compiler.is_compiling() else {"context_fn": checkpoint_contexts}
                 x = checkpoint(block, x, n_img_here, spec, i, self.attn_backend, None, index, use_reentrant=False,
-                               context_fn=checkpoint_contexts)
+                               **context)
             else:
                 x = block(x, n_img_here, spec, i, self.attn_backend, cache, index)
         if pooled_index is not None:
