@@ -1,7 +1,7 @@
 """``train.compile``: the objective set under torch.compile traces as one graph (no host sync splits it)
 and gives the eager loss and gradients; the logit-scale clamp acts on the parameter inside the graph too.
 Dynamo and AOTAutograd are what is checked (the ``aot_eager`` backend: no code generation, seconds), but
-for one case of inductor's code generation that lost the loss's graph (~40 s)."""
+for one test of inductor's code generation over two caption lengths (~50 s)."""
 
 from __future__ import annotations
 
@@ -117,21 +117,32 @@ def test_a_compiled_step_writes_in_place_only_to_static_inputs():
     assert counter.take_flops() > 0
 
 
-def test_inductor_keeps_the_graph_of_a_lone_objectives_loss():
-    # one objective of weight 1: the total is that objective's loss, which the output also holds detached.
-    # Inductor (real code generation here, not aot_eager) returned one tensor for both outputs, marked
-    # non-differentiable, so the trainer's backward failed ("does not require grad") on the default config.
+def test_inductor_compiled_steps_over_caption_lengths_equal_eager():
+    # inductor's real code generation (~50 s; the other tests here use aot_eager) on ITM alone, over two
+    # caption lengths. Two failures it caught (torch 2.14): (1) one objective of weight 1: the total is its
+    # loss, which the output also holds detached; inductor returned one tensor for both, marked
+    # non-differentiable ("does not require grad" at the first backward). (2) the fused mask, saved for the
+    # backward in a layout differing from eager's in a size-1 dim, was pinned to the first length's strides
+    # ("expected ... stride" at the second length). fallback_random: the negatives drawn as in eager.
+    from vlpretrain.train.loop import _to_device
+
     torch._dynamo.reset()
-    eager = build_objective_set(make_model(depth=1, text_embed_depth=0), [{"name": "contrastive"}])
+    eager = build_objective_set(make_model(depth=1, text_embed_depth=0), [{"name": "matching"}])
     twin = copy.deepcopy(eager)
-    batch = random_batch(batch=4, length=6)
-    got, want = torch.compile(twin)(batch), eager(batch)
-    assert got.loss.requires_grad and got.loss is not got.losses["contrastive"]
-    got.loss.backward()
-    want.loss.backward()
-    assert torch.allclose(got.loss, want.loss, rtol=1e-5, atol=1e-6)
-    worst, where = max_grad_diff(grads_of(twin), grads_of(eager))
-    assert worst < 1e-4, f"gradients differ by {worst} at {where}"
+    compiled = torch.compile(twin)
+    with torch._inductor.config.patch(fallback_random=True):
+        for length in (9, 7):
+            batch = random_batch(batch=4, length=length)
+            torch.manual_seed(length)
+            want = eager(batch)
+            torch.manual_seed(length)
+            got = compiled(_to_device(batch, "cpu", compiled=True))
+            assert got.loss.requires_grad and got.loss is not got.losses["matching"]
+            got.loss.backward()
+            want.loss.backward()
+            assert torch.allclose(got.loss, want.loss, rtol=1e-5, atol=1e-6), (length, got.loss, want.loss)
+            worst, where = max_grad_diff(grads_of(twin), grads_of(eager))
+            assert worst < 1e-4, f"length {length}: gradients differ by {worst} at {where}"
 
 
 @pytest.mark.parametrize("masked", ["masked_text", "masked_image"])

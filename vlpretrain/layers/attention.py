@@ -58,6 +58,16 @@ def _fallback(backend: str, reason: str) -> str:
     return "sdpa"
 
 
+def _unit_head_dim(mask: torch.Tensor) -> torch.Tensor:
+    """(N, Lq, Lkv) -> (N, 1, Lq, Lkv), the head dim's stride 1: the layout inductor gives a mask it saves
+    for the backward. With the stride unsqueeze gives (Lq * Lkv), the layouts differ (in a size-1 dim only)
+    and AOTAutograd pins the backward's copy to the first batch's concrete strides, so a compiled backward
+    failed at the next caption length (torch 2.14). The stride of a size-1 dim changes no value."""
+    mask = mask.contiguous()
+    n, lq, lkv = mask.shape
+    return mask.as_strided((n, 1, lq, lkv), (lq * lkv, 1, lkv, 1))
+
+
 @dataclass(eq=False)
 class AttentionLayout:
     """Who attends to whom in one batch; see the module docstring for the kinds."""
@@ -150,7 +160,7 @@ class AttentionLayout:
             b = torch.arange(self.batch_size, device=device)[:, None, None] if self.per_row else 0
             mask = self.allowed(b, q[None, :, None], kv[None, None, :], cross,
                                 key_valid.to(device) if key_valid is not None else None)
-            return mask.unsqueeze(1)
+            return _unit_head_dim(mask)
 
         return self._cached(("dense", cross, q_offset, n_query, str(device)), build)
 
@@ -165,7 +175,7 @@ class AttentionLayout:
         b = torch.arange(query_index.shape[0], device=device)[:, None, None] if self.per_row else 0
         mask = self.allowed(b, query_index[:, None, None], kv[None, None, :], cross,
                             key_valid.to(device) if key_valid is not None else None)  # (B, 1, L)
-        return mask.unsqueeze(1)
+        return _unit_head_dim(mask)
 
     def _cached(self, key: tuple, build):
         """``build()`` once per ``key`` for this layout (one batch). Inside torch.compile the key's sizes are

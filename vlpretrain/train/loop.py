@@ -224,11 +224,6 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
         module = torch.compile(module, mode=None if t.compile_mode == "default" else t.compile_mode)
         if cuda_graphs:
             accelerator.print(_cuda_graph_note(t.compile_mode, accelerator.device, cfg.data.pad_multiple))
-        if any(entry["name"] == "matching" for entry in cfg.objectives) and cfg.data.pad_multiple < cfg.model.max_text_len:
-            accelerator.print(  # torch 2.14, CPU inductor: the backward pins a saved mask's strides to one length
-                "train.compile with the matching objective: a new caption length can fail in the compiled backward "
-                "('expected size ..., stride ...'); set data.pad_multiple to model.max_text_len "
-                f"({cfg.model.max_text_len}) for one fixed length")
     set_seed(cfg.run.seed + rank)  # per-rank randomness (patch dropout, masking) from here on
 
     counter = FlopCounter(objectives)
