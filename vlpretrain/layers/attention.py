@@ -155,12 +155,7 @@ class AttentionLayout:
 
         def build():
             q = torch.arange(q_offset, q_offset + n_query, device=device)
-            kv = torch.arange(self.length, device=device)
-            key_valid = self._key_valid()
-            b = torch.arange(self.batch_size, device=device)[:, None, None] if self.per_row else 0
-            mask = self.allowed(b, q[None, :, None], kv[None, None, :], cross,
-                                key_valid.to(device) if key_valid is not None else None)
-            return _unit_head_dim(mask)
+            return self._rows_mask(q[None, :, None], cross, device)
 
         return self._cached(("dense", cross, q_offset, n_query, str(device)), build)
 
@@ -170,11 +165,14 @@ class AttentionLayout:
         cross = self.crosses(layer)
         if not self._needs_mask(cross):
             return None
+        return self._rows_mask(query_index[:, None, None], cross, device)
+
+    def _rows_mask(self, q: torch.Tensor, cross: bool, device) -> torch.Tensor:
+        """:meth:`allowed` of query positions ``q`` ((1 or B, Lq, 1)) against every key: (B or 1, 1, Lq, Lkv)."""
         kv = torch.arange(self.length, device=device)
         key_valid = self._key_valid()
-        b = torch.arange(query_index.shape[0], device=device)[:, None, None] if self.per_row else 0
-        mask = self.allowed(b, query_index[:, None, None], kv[None, None, :], cross,
-                            key_valid.to(device) if key_valid is not None else None)  # (B, 1, L)
+        b = torch.arange(self.batch_size, device=device)[:, None, None] if self.per_row else 0
+        mask = self.allowed(b, q, kv[None, None, :], cross, key_valid.to(device) if key_valid is not None else None)
         return _unit_head_dim(mask)
 
     def _cached(self, key: tuple, build):
