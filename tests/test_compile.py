@@ -177,3 +177,21 @@ def test_gradient_checkpointing_compiles_with_eager_losses_and_gradients():
     assert torch.allclose(got.loss, want.loss, rtol=1e-5, atol=1e-6)
     worst, where = max_grad_diff(grads_of(twin), grads_of(eager))
     assert worst < 1e-5, f"gradients differ by {worst} at {where}"
+
+
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
+@pytest.mark.parametrize("version, mix_order", [("2.11.0+cu130", False), ("2.14.1", None)])
+def test_compile_options_are_the_modes_own_with_mix_order_reduction_off_before_torch_2_14(
+        monkeypatch, mode, version, mix_order):
+    # torch 2.11's inductor mis-sliced mix-order reduction's workspace under a dynamic caption length (the
+    # first compiled backward failed on an H200); the trainer turns that fusion off there and nowhere else
+    from torch._inductor import list_mode_options
+    from torch.torch_version import TorchVersion
+
+    from vlpretrain.train.loop import compile_options
+
+    monkeypatch.setattr(torch, "__version__", TorchVersion(version))
+    options = compile_options(mode)
+    assert options.get("triton.mix_order_reduction") is mix_order
+    assert {k: v for k, v in options.items() if k != "triton.mix_order_reduction"} == list_mode_options(mode)
+    torch.compile(torch.nn.Linear(2, 2), options=options)  # every option is one this torch knows

@@ -172,6 +172,20 @@ def _to_device(batch: dict, device, normalize=None, compiled: bool = False) -> d
     return out
 
 
+def compile_options(mode: str) -> dict:
+    """torch.compile's inductor options for ``train.compile_mode`` (the mode's own, as ``mode=`` would set).
+    Before torch 2.14, mix-order reduction (a layer norm backward's row and column reductions in one
+    kernel) is off: with a dynamic caption length, torch 2.11's inductor emitted the workspace slice
+    ``ws[i * n + 8*s * 768 : ...]`` without brackets around the split count, and the first CUDA backward
+    failed ("shape '[920, 768]' is invalid for input of size 792"; H200, 2026-11-28). 2.14 brackets it."""
+    from torch._inductor import config as inductor_config, list_mode_options  # heavy: only when compiling
+
+    options = dict(list_mode_options(mode))
+    if torch.__version__ < (2, 14) and hasattr(inductor_config.triton, "mix_order_reduction"):
+        options["triton.mix_order_reduction"] = False
+    return options
+
+
 def _cuda_graph_note(mode: str, device: torch.device, pad_multiple: int) -> str:
     """What a run under a CUDA-graph compile mode prints before its first step."""
     if device.type != "cuda":
@@ -221,7 +235,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
     module, optimizer, scheduler = accelerator.prepare(objectives, optimizer, scheduler)
     cuda_graphs = t.compile and t.compile_mode in CUDA_GRAPH_MODES
     if t.compile:
-        module = torch.compile(module, mode=None if t.compile_mode == "default" else t.compile_mode)
+        module = torch.compile(module, options=compile_options(t.compile_mode))
         if cuda_graphs:
             accelerator.print(_cuda_graph_note(t.compile_mode, accelerator.device, cfg.data.pad_multiple))
     set_seed(cfg.run.seed + rank)  # per-rank randomness (patch dropout, masking) from here on
