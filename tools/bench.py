@@ -23,6 +23,7 @@ Not a test: it asserts nothing. For ratios against another trainer, see ``tools/
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import statistics
@@ -88,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.eval:
             fixed.append("data.val=null")
         cfg = load_config(args.config, [*args.overrides, *fixed])
-        summary = train(cfg)
+        with contextlib.redirect_stdout(sys.stderr):  # the trainer's notes: stdout holds the JSON line alone
+            summary = train(cfg)
         figures = summarise(read_metrics(cfg.run.dir), args.warmup)
     figures.update(
         config=args.config, overrides=args.overrides, precision=cfg.train.precision, batch_size=cfg.train.batch_size,

@@ -29,23 +29,31 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 
-def write_shards(out: Path, samples: int, per_shard: int, seed: int = 0) -> None:
-    """Photo-like JPEGs (gradients, shapes, a little noise), sides drawn in [256, 512]."""
+def write_shards(out: Path, samples: int, per_shard: int, seed: int = 0, unique: int = 256) -> None:
+    """Photo-like JPEGs (gradients, shapes, a little noise), sides drawn in [256, 512]: ``unique`` of them
+    (drawing one takes ~25 ms), repeated under new keys up to ``samples`` (each is decoded anew)."""
     from vlpretrain.data.writer import ShardWriter, encode_jpeg
 
     rng = np.random.default_rng(seed)
+    images: list[bytes] = []
     with ShardWriter(out, per_shard, mtime=0.0) as writer:
         for i in range(samples):
-            w, h = (int(v) for v in rng.integers(256, 513, size=2))
-            ramp = np.linspace(0, 1, w)[None, :, None] * rng.uniform(50, 200, 3)
-            base = ramp + np.linspace(0, 1, h)[:, None, None] * rng.uniform(0, 55, 3)
-            noise = rng.normal(0, 6, (h, w, 3))
-            img = Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
-            draw = ImageDraw.Draw(img)
-            for _ in range(4):
-                x, y = int(rng.integers(0, w - 40)), int(rng.integers(0, h - 40))
-                draw.ellipse((x, y, x + 40, y + 40), fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
-            writer.write(f"{i:09d}", encode_jpeg(img, quality=90), [f"picture number {i} with four circles"])
+            if i < unique:
+                images.append(encode_jpeg(_photo(rng), quality=90))
+            writer.write(f"{i:09d}", images[i % unique], [f"picture number {i} with four circles"])
+
+
+def _photo(rng: np.random.Generator) -> Image.Image:
+    w, h = (int(v) for v in rng.integers(256, 513, size=2))
+    ramp = np.linspace(0, 1, w)[None, :, None] * rng.uniform(50, 200, 3)
+    base = ramp + np.linspace(0, 1, h)[:, None, None] * rng.uniform(0, 55, 3)
+    noise = rng.normal(0, 6, (h, w, 3))
+    img = Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for _ in range(4):
+        x, y = int(rng.integers(0, w - 40)), int(rng.integers(0, h - 40))
+        draw.ellipse((x, y, x + 40, y + 40), fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
+    return img
 
 
 class PeakRSS:

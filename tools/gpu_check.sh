@@ -9,7 +9,10 @@
 #     bash tools/gpu_check.sh --prepare        # pure-Python wheels into .gpu_wheels/ (git-ignored)
 # then on the device, carrying that folder, in one call (~9 minutes with the start; the budget is 15):
 #     run(command="set -o pipefail; bash tools/gpu_check.sh 2>&1 | tee $OUT/gpu_log.txt", carry=[".gpu_wheels"], timeout_s=580)
-# (2026-11-27, H200: gpu_check.py took ~355 s, the machine ~60 s to start; limits now 400 s + 150 s for bench)
+# (H200: gpu_check.py took ~355 s on 2026-11-27 and ~370 s on 2026-11-28, the machine 30-60 s to start;
+# limits 400 s + 180 s for the trainer bench. Then, with the ~6 minutes left, a second call of
+# `bash tools/gpu_check.sh --trainer` (timeout_s=330): the trainer bench and tools/bench_data.py alone;
+# on 2026-11-28 the trainer bench took ~135 s there)
 # The package is not installed there: the tools put the repo root on sys.path (PYTHONPATH below).
 # Never from tests or CI (the test suite runs tools/gpu_check.py --smoke on the CPU instead).
 set -uo pipefail
@@ -33,14 +36,23 @@ else
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 "$PY" -c "import vlpretrain, omegaconf, webdataset, open_clip, torch; print('torch', torch.__version__)" || exit 1
-PYTHONUNBUFFERED=1 timeout 400 "$PY" tools/gpu_check.py "$OUT/gpu_check.json"
+MODE=${1:-}  # --trainer: the trainer and data-pipeline benchmarks alone (a second, ~4-minute call)
+[ "$MODE" = "--trainer" ] || PYTHONUNBUFFERED=1 timeout 400 "$PY" tools/gpu_check.py "$OUT/gpu_check.json"
 # the real trainer on the GPU under torch.compile with CUDA graphs (data pipeline, loop, logging; captions
 # padded to a multiple of 8 of each batch's longest: one CUDA graph per such length): one JSON line of
 # figures. Logged every 5 steps (the loop reads the device on the host at log steps only); resampled data
 # (no epoch restarts of 12 workers). gpu_check.json's train_base_bf16_compiled/_cudagraphs are the same
 # model without the trainer, with and without CUDA graphs.
 BENCH="--config configs/coca-base.yaml --log-every 5 data.synthesize=1024 data.mode=resampled data.num_workers=12 data.pad_multiple=8 train.steps=40 train.batch_size=128 train.precision=bf16 train.compile=true train.compile_mode=reduce-overhead"
-TORCH_LOGS=cudagraphs timeout 150 "$PY" tools/bench.py $BENCH > "$OUT/bench_gpu.json" || echo "bench.py failed"
+TORCH_LOGS=cudagraphs timeout 180 "$PY" tools/bench.py $BENCH > "$OUT/bench_gpu.json" || echo "bench.py failed"
+# the data pipeline alone on this machine's CPUs, ours and OpenCLIP's, with the trainer's 12 workers and with
+# one (the per-worker rate): was the trainer above waiting on the CPUs, or on our pipeline?
+if [ "$MODE" = "--trainer" ]; then
+  for W in 12 1; do
+    timeout 60 "$PY" tools/bench_data.py --samples $((W * 512)) --workers $W --batch-size 128 --rounds 1 \
+      > "$OUT/bench_data_w$W.json" || echo "bench_data.py ($W workers) failed"
+  done
+fi
 # two or more GPUs: the same under FSDP (2 processes), world size taken from the figures
 if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
   timeout 180 "$PY" -m accelerate.commands.launch --config_file configs/accelerate/fsdp-8gpu.yaml --num_processes 2 \
