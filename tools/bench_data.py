@@ -86,11 +86,11 @@ class PeakRSS:
         self._thread.join()
 
 
-def ours(shards: Path, tokenizer, workers: int, batch_size: int):
+def ours(shards: Path, tokenizer, workers: int, batch_size: int, priority: str):
     from vlpretrain.config import DataConfig
     from vlpretrain.data.shards import ShardStream
 
-    cfg = DataConfig(train=str(shards), num_workers=workers, shuffle_buffer=100)
+    cfg = DataConfig(train=str(shards), num_workers=workers, shuffle_buffer=100, worker_priority=priority)
     stream = ShardStream(cfg, "train", batch_size=batch_size, image_size=224, context_length=64,
                          tokenizer=tokenizer, seed=0, normalize=False)
     # as the trainer takes it: uint8 from the workers, normalised by the consumer (here on this CPU, in
@@ -133,11 +133,15 @@ def timed(make_batches) -> tuple[float, int, int]:
 
 
 def main() -> None:
+    from vlpretrain.config import DataConfig
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--samples", type=int, default=512)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--priority", choices=["idle", "low", "normal"], default=DataConfig.worker_priority,
+                        help="data.worker_priority of our workers (OpenCLIP's run at normal priority)")
     args = parser.parse_args()
 
     from vlpretrain.data.tokenizer import load_tokenizer, train_tokenizer
@@ -148,7 +152,7 @@ def main() -> None:
         tok = load_tokenizer(train_tokenizer((f"picture number {i} with four circles" for i in range(500)), 64,
                                              Path(tmp) / "tok"))
         results: dict[str, list] = {"vlpretrain": [], "openclip": []}
-        runs = {"vlpretrain": lambda: ours(shards, tok, args.workers, args.batch_size),
+        runs = {"vlpretrain": lambda: ours(shards, tok, args.workers, args.batch_size, args.priority),
                 "openclip": lambda: openclip(shards, args.workers, args.batch_size)}
         for r in range(args.rounds):  # interleaved A B B A A B ...: neither side always goes first
             for name in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
@@ -156,7 +160,8 @@ def main() -> None:
     rate = {k: statistics.median(r[0] for r in v) for k, v in results.items()}
     counts = {k: sorted({r[1] for r in v}) for k, v in results.items()}
     print(json.dumps({
-        "bench": "data_pipeline", "samples": args.samples, "workers": args.workers, "rounds": args.rounds,
+        "bench": "data_pipeline", "samples": args.samples, "workers": args.workers, "priority": args.priority,
+        "rounds": args.rounds,
         "image_px": "256-512 -> 224", "cpus": os.cpu_count(),
         "vlpretrain_samples_per_s": round(rate["vlpretrain"], 1),
         "openclip_samples_per_s": round(rate["openclip"], 1),

@@ -45,12 +45,14 @@ MODE=${1:-}  # --trainer: the trainer and data-pipeline benchmarks alone (a seco
 # model without the trainer, with and without CUDA graphs.
 BENCH="--config configs/coca-base.yaml --log-every 5 data.synthesize=1024 data.mode=resampled data.num_workers=12 data.pad_multiple=8 train.steps=40 train.batch_size=128 train.precision=bf16 train.compile=true train.compile_mode=reduce-overhead"
 TORCH_LOGS=cudagraphs timeout 180 "$PY" tools/bench.py $BENCH > "$OUT/bench_gpu.json" || echo "bench.py failed"
-# the data pipeline alone on this machine's CPUs, ours and OpenCLIP's, with the trainer's 12 workers and with
-# one (the per-worker rate): was the trainer above waiting on the CPUs, or on our pipeline?
+# the data pipeline alone on this machine's CPUs, ours and OpenCLIP's: with the trainer's 12 workers at the
+# default SCHED_IDLE priority and at normal priority, and with one worker (the per-worker rate). Was the
+# trainer above waiting on the machine's CPUs, on the workers' priority, or on our pipeline?
 if [ "$MODE" = "--trainer" ]; then
-  for W in 12 1; do
-    timeout 60 "$PY" tools/bench_data.py --samples $((W * 512)) --workers $W --batch-size 128 --rounds 1 \
-      > "$OUT/bench_data_w$W.json" || echo "bench_data.py ($W workers) failed"
+  for RUN in "12 idle" "12 normal" "1 idle"; do
+    set -- $RUN
+    timeout 60 "$PY" tools/bench_data.py --samples $(($1 * 512)) --workers $1 --priority $2 --batch-size 128 \
+      --rounds 1 > "$OUT/bench_data_w$1_$2.json" || echo "bench_data.py ($RUN) failed"
   done
 fi
 # two or more GPUs: the same under FSDP (2 processes), world size taken from the figures
