@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -194,15 +195,15 @@ def test_init_from_a_checkpoint_folder_starts_from_its_weights(synth_root, tmp_p
 
 def test_compiled_run_with_cuda_graph_mode_marks_each_step_and_equals_eager(synth_root, tmp_path, monkeypatch, capsys,
                                                                             fresh_accelerate_state):
-    # train.compile under a CUDA-graph mode: torch.compile gets the mode, and each step starts a new
+    # train.compile under a CUDA-graph mode: torch.compile gets the mode's options, and each step starts a new
     # CUDA-graph iteration (the step before's graph outputs may be overwritten only from there on). The
     # compiled trainer (dynamo + AOTAutograd; aot_eager: no code generation, seconds) logs the eager losses.
     from accelerate.state import AcceleratorState
 
-    real_compile, modes, marks = torch.compile, [], []
+    real_compile, options, marks = torch.compile, [], []
 
-    def compile_without_codegen(module, mode=None):
-        modes.append(mode)
+    def compile_without_codegen(module, **kwargs):
+        options.append(kwargs["options"])
         return real_compile(module, backend="aot_eager")
 
     monkeypatch.setattr(torch, "compile", compile_without_codegen)
@@ -214,10 +215,34 @@ def test_compiled_run_with_cuda_graph_mode_marks_each_step_and_equals_eager(synt
 
     torch._dynamo.reset()
     run(synth_root, tmp_path / "compiled", *quick, "train.compile=true", "train.compile_mode=reduce-overhead")
-    assert modes == ["reduce-overhead"] and len(marks) == 6
+    assert len(options) == 1 and options[0]["triton.cudagraphs"] and len(marks) == 6
     assert "train.compile_mode=reduce-overhead: CUDA graphs apply on CUDA devices only" in capsys.readouterr().out
     AcceleratorState._reset_state(True)
     run(synth_root, tmp_path / "eager", *quick)
-    assert len(modes) == 1 and len(marks) == 6
+    assert len(options) == 1 and len(marks) == 6
     compiled, eager = losses(tmp_path / "compiled"), losses(tmp_path / "eager")
     assert len(compiled) == 6 and max(abs(a - b) for a, b in zip(compiled, eager)) < 1e-4, (compiled, eager)
+
+
+def test_a_data_bound_run_says_so_once_after_its_first_log_window(synth_root, tmp_path, monkeypatch, capsys,
+                                                                   fresh_accelerate_state):
+    # batches made slow (0.3 s each): every log window waits on data for most of its time; the note comes
+    # once, at the second window (the first holds the workers' start), and names the worker count
+    from accelerate.state import AcceleratorState
+
+    import vlpretrain.train.loop as loop
+
+    real_next = loop._next_batch
+
+    def slow_next(*args):
+        time.sleep(0.3)
+        return real_next(*args)
+
+    monkeypatch.setattr(loop, "_next_batch", slow_next)
+    quick = ["train.export=false", "data.val=null", "train.log_every=2", "data.num_workers=1"]
+    run(synth_root, tmp_path / "slow", *quick)
+    out = capsys.readouterr().out
+    assert out.count("the model waited on data") == 1 and "[step 4]" in out and "data.num_workers=1," in out, out
+    AcceleratorState._reset_state(True)
+    run(synth_root, tmp_path / "one_window", *quick, "train.steps=2")  # one window: the start alone, no note
+    assert "the model waited on data" not in capsys.readouterr().out

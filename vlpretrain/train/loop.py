@@ -9,6 +9,7 @@ checkpointing as configured; SIGTERM/SIGINT finish the step, save and exit clean
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -197,6 +198,18 @@ def _cuda_graph_note(mode: str, device: torch.device, pad_multiple: int) -> str:
     return note
 
 
+DATA_BOUND_WAIT = 0.5  # a log window whose steps waited this share of their time on data gets the note below
+
+
+def _data_bound_note(step: int, wait_frac: float, num_workers: int) -> str:
+    """What the trainer prints (once) when a log window after the first waited on data for more than
+    DATA_BOUND_WAIT of its time: on a GPU the step is then bound by the data workers, not the model."""
+    return (f"[step {step}] the model waited on data {wait_frac:.0%} of the last log window: the data workers "
+            f"(data.num_workers={num_workers}, on {os.cpu_count()} CPUs) do not keep up. More workers, "
+            f"data.worker_priority=normal (they run at idle priority by default), or images stored smaller "
+            f"(vlpretrain make-shards --max-size) feed it faster; tools/bench_data.py measures the pipeline alone")
+
+
 def train(cfg: ExperimentConfig) -> dict[str, Any]:
     """Run the experiment ``cfg``; returns the summary also written to ``run.dir/summary.json``."""
     t = cfg.train
@@ -269,6 +282,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
     image_tokens = 1 + model.backbone.num_patches  # per image: cls + patches (before any patch dropout)
     stopped_by, final = None, resume  # a run resumed at its last step has nothing new to save
     flags = _StepFlags(state, t.max_nonfinite)
+    data_bound_noted = False
     with _StopSignal() as stop:
         while state.step < t.steps:
             step_start = time.perf_counter()
@@ -343,6 +357,10 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
                     record["mfu"] = flops / window["time"] / peak
                     record["tflops_per_s"] = flops / window["time"] / 1e12
                 log.log(state.step, record)
+                if (not data_bound_noted and state.step > t.log_every  # the first window holds the workers' start
+                        and record["data_wait_frac"] > DATA_BOUND_WAIT):
+                    accelerator.print(_data_bound_note(state.step, record["data_wait_frac"], stream.num_workers))
+                    data_bound_noted = True
                 progress.set_postfix(loss=f"{loss_value:.3f}", samples_s=f"{record['samples_per_s']:.1f}")
                 window = dict(new_window)
             progress.update(1)
