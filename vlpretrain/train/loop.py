@@ -274,7 +274,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
         return save_checkpoint(accelerator, run_dir, state.step, vars(state), stream.state_dict(), config_yaml,
                                t.keep_last)
 
-    start, samples_at_start = time.perf_counter(), state.samples_seen
+    start, samples_at_start, step_at_start = time.perf_counter(), state.samples_seen, state.step
     progress = _progress(accelerator, state.step, t.steps)
     it = iter(stream)
     new_window = {"time": 0.0, "wait": 0.0, "samples": 0, "tokens": 0.0, "steps": 0}
@@ -357,7 +357,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
                     record["mfu"] = flops / window["time"] / peak
                     record["tflops_per_s"] = flops / window["time"] / 1e12
                 log.log(state.step, record)
-                if (not data_bound_noted and state.step > t.log_every  # the first window holds the workers' start
+                if (not data_bound_noted and state.step - step_at_start > t.log_every  # the first holds the workers' start
                         and record["data_wait_frac"] > DATA_BOUND_WAIT):
                     accelerator.print(_data_bound_note(state.step, record["data_wait_frac"], stream.num_workers))
                     data_bound_noted = True
