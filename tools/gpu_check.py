@@ -38,6 +38,7 @@ from vlpretrain.layers.attention import AttentionLayout, attend, flash_attn_avai
 from vlpretrain.models.presets import preset_values  # noqa: E402
 from vlpretrain.objectives import build_objective_set  # noqa: E402
 from vlpretrain.train.flops import FlopCounter, device_peak_flops  # noqa: E402
+from vlpretrain.train.loop import compile_options  # noqa: E402
 
 CASES = [("image", True), ("text", True), ("text", False), ("prefix_lm", True), ("fused", True),
          ("separate", True), ("separate", False)]
@@ -235,7 +236,7 @@ def train_base(device, size, flops_per_step: float | None = None, profile: bool 
     model = _model(size["preset"], device, text_embed_depth=preset_values(size["preset"])["depth"] // 2)
     objset = build_objective_set(model, [{"name": "contrastive"}, {"name": "captioning"}]).to(device)
     counter = FlopCounter(objset) if flops_per_step is None else None
-    run = objset if counter else torch.compile(objset, mode=mode)
+    run = objset if counter else torch.compile(objset, options=compile_options(mode or "default"))  # as the trainer
     skips_before = counters["inductor"]["cudagraph_skips"]  # graphs inductor ran without CUDA graphs
     px = _pixels(model, batch, device)
     ids, mask = text(batch, size["text_len"], model.config.vocab_size, device)
@@ -311,7 +312,8 @@ def openclip_ratio(device, size, compiled: bool = False, ours_mode: str | None =
     smoke = size is SMOKE
     ours = build_objective_set(_model(size["preset"], device), [{"name": "contrastive"}]).to(device)
     theirs = _openclip_model(smoke).to(device)
-    run_ours, run_theirs = (torch.compile(ours, mode=ours_mode), torch.compile(theirs)) if compiled else (ours, theirs)
+    run_ours, run_theirs = ((torch.compile(ours, options=compile_options(ours_mode or "default")), torch.compile(theirs))
+                            if compiled else (ours, theirs))
     clip_loss = open_clip.ClipLoss()
     n, length = size["clip_batch"], size["text_len"]
     px = _pixels(ours.model, n, device)
