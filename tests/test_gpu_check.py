@@ -17,12 +17,22 @@ def test_gpu_check_smoke_runs_every_section_without_error(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     figures = json.loads(out.read_text())
-    sections = ("equivalence", "prefix_lm_timing", "train_base_bf16", "openclip_vit_b16")
+    sections = ("equivalence", "attention_alignment", "prefix_lm_timing", "train_base_bf16", "openclip_vit_b16")
     failed = {k: figures[k]["error"] for k in sections if "error" in figures[k]}
     assert not failed, failed
     fp32 = {k: v for k, v in figures["equivalence"].items() if k.endswith("/float32")}
     assert len(fp32) == 7 * 2  # every layout case, sdpa and flex (flash-attn needs CUDA)
     assert all(v["max_abs_out"] < 1e-4 and v["max_rel_grad"] < 1e-3 for v in fp32.values()), fp32
     assert figures["prefix_lm_timing"]["flex_speedup_vs_sdpa"] > 0
+    aligned = figures["attention_alignment"]["17+12"]  # the candidates compute the same attention
+    assert set(aligned["fwd_bwd_us"]) == {"bool_mask", "bias_aligned_rows", "keys_padded"}
+    assert all(d < 1e-2 for d in aligned["max_abs_diff_vs_bool_mask"].values()), aligned
     assert figures["train_base_bf16"]["samples_per_s"] > 0 and figures["train_base_bf16"]["tflops_per_s"] > 0
     assert figures["openclip_vit_b16"]["ratio_vs_openclip"] > 0
+
+
+def test_gpu_check_sh_refuses_an_unknown_argument_before_running_anything():
+    run = subprocess.run(["bash", "tools/gpu_check.sh", "--install-only"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=30)
+    assert run.returncode == 2
+    assert "unknown argument '--install-only'" in run.stderr and not run.stdout

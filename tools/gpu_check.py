@@ -2,6 +2,9 @@
 
 1. Every attention backend vs ``eager`` on every layout in bf16 (and fp32 in the smoke run), outputs
    and gradients.
+1b. The masked ``sdpa`` op at total lengths that are and are not multiples of 8, with two aligned
+   candidates (a bias with 8-aligned rows; keys padded to a multiple of 8): what cuDNN's masked forward
+   costs at 197 + 64 = 261 tokens, and which candidate recovers it.
 2. ``flex`` / ``flash_attn`` vs dense-mask ``sdpa`` on ``prefix_lm`` at realistic lengths: whole
    training steps and the attention op alone (forward + backward, interleaved A B A B), and how many
    graphs flex compiles for eight more text lengths.
@@ -12,7 +15,7 @@
    tensors, interleaved: samples/s and the ratio (ours / OpenCLIP), eager and both compiled (ours with
    CUDA graphs, ``train.compile_mode=reduce-overhead``; OpenCLIP's trainer offers the default mode only).
 
-They run in the order 1, 3, 4 (compiled), 4 (eager), 2: the figures the open goals need first.
+They run in the order 1, 1b, 3, 4 (compiled), 4 (eager), 2: the figures the open goals need first.
 
 Writes one JSON object of figures to the path given (and prints it). ``--smoke`` runs the same code
 on the CPU at toy sizes (seconds; its figures mean nothing): the test suite runs it so that a script
@@ -47,10 +50,12 @@ CASES = [("image", True), ("text", True), ("text", False), ("prefix_lm", True), 
 # sizes of the real run (GPU) and of the CPU smoke run
 FULL = {"equiv_preset": "tiny", "equiv_dtypes": (torch.bfloat16,), "preset": "base", "prefix_batch": 32, "text_len": 64,
         "op_lengths": ((197, 64), (577, 128)), "op_heads": 12, "train_batch": 128, "train_steps": 30,
-        "train_window": 5, "timing_steps": 10, "clip_batch": 128, "clip_rounds": 6, "clip_steps": 5}
+        "train_window": 5, "timing_steps": 10, "clip_batch": 128, "clip_rounds": 6, "clip_steps": 5,
+        "align_lengths": ((197, 64), (200, 64), (197, 16), (99, 16), (104, 16))}
 SMOKE = {"equiv_preset": "debug", "equiv_dtypes": (torch.float32, torch.bfloat16), "preset": "debug", "prefix_batch": 2,
          "text_len": 12, "op_lengths": ((17, 12),), "op_heads": 2, "train_batch": 4, "train_steps": 7,
-         "train_window": 2, "timing_steps": 1, "clip_batch": 4, "clip_rounds": 1, "clip_steps": 1}
+         "train_window": 2, "timing_steps": 1, "clip_batch": 4, "clip_rounds": 1, "clip_steps": 1,
+         "align_lengths": ((17, 12),)}
 
 
 def sync(device) -> None:
@@ -173,6 +178,58 @@ def _split_sdpa(q, k, v, layout: AttentionLayout, layer: int):
     return torch.cat([image, text], dim=2)
 
 
+def _aligned_rows_bias(mask: torch.Tensor, dtype, multiple: int = 8) -> torch.Tensor:
+    """A candidate ``sdpa`` mask: (N, 1, Lq, L) bool -> the additive ``dtype`` bias of the same values, its
+    rows stored ``multiple`` elements apart (16-byte aligned in bf16; a bool mask becomes a contiguous bias
+    inside SDPA, rows L apart)."""
+    n, _, lq, lkv = mask.shape
+    lpad = -(-lkv // multiple) * multiple
+    rows = F.pad(mask[:, 0], (0, lpad - lkv), value=False)
+    bias = torch.full(rows.shape, float("-inf"), dtype=dtype, device=mask.device).masked_fill(rows, 0.0)
+    return bias.as_strided((n, 1, lq, lkv), (lq * lpad, 1, lpad, 1))
+
+
+def _keys_padded(q, k, v, mask: torch.Tensor, multiple: int = 8):
+    """A candidate ``sdpa`` path: keys and values padded with masked zeros to a multiple of ``multiple``."""
+    extra = -k.shape[2] % multiple
+    k, v = (F.pad(t, (0, 0, 0, extra)) for t in (k, v))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=F.pad(mask, (0, extra), value=False))
+
+
+def attention_alignment(device, size) -> dict:
+    """The masked ``sdpa`` op alone (bf16, B x 12 heads, padded ``prefix_lm``) at total lengths that are and
+    are not multiples of 8, as called today (a bool mask) and two aligned candidates: the mask as a bias
+    whose rows are stored 8-aligned, and keys padded to a multiple of 8. On the H200 (2026-11-28) cuDNN's
+    masked forward took 564 us at 197 + 64 = 261 tokens but 288 us at 200 + 64 = 264 (backward 562 us both,
+    the whole maskless forward 175 us): which of the two candidates recovers it decides the fix."""
+    return {f"{n_img}+{n_txt}": _alignment_case(device, size, n_img, n_txt) for n_img, n_txt in size["align_lengths"]}
+
+
+def _alignment_case(device, size, n_img: int, n_txt: int) -> dict:
+    batch, heads, length = size["train_batch"], size["op_heads"], n_img + n_txt
+    valid = torch.arange(n_txt, device=device)[None] < torch.randint(n_txt // 2, n_txt + 1, (batch, 1), device=device)
+    layout = AttentionLayout("prefix_lm", n_img, n_txt, text_valid=valid)
+    x = torch.randn(batch, length, 3 * heads * 64, device=device, dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(batch, heads, length, 64, device=device, dtype=torch.bfloat16)
+    mask = layout.dense_mask(0, 0, length, device)
+    bias = _aligned_rows_bias(mask, torch.bfloat16)
+
+    def qkv():  # strided views of one projection's output, as in the model
+        return x.reshape(batch, length, 3, heads, 64).permute(2, 0, 3, 1, 4).unbind(0)
+
+    variants = {"bool_mask": lambda: attend(*qkv(), layout, 0, "sdpa"),
+                "bias_aligned_rows": lambda: F.scaled_dot_product_attention(*qkv(), attn_mask=bias),
+                "keys_padded": lambda: _keys_padded(*qkv(), mask)}
+    with torch.no_grad():
+        ref = variants["bool_mask"]().float()
+        diffs = {n: (fn().float() - ref).abs().max().item() for n, fn in variants.items() if n != "bool_mask"}
+    rounds = 3 * size["timing_steps"]
+    fwd = interleaved_medians(device, {n: (lambda fn=fn: fn().detach()) for n, fn in variants.items()}, rounds)
+    both = interleaved_medians(device, {n: (lambda fn=fn: fn().backward(grad)) for n, fn in variants.items()}, rounds)
+    return {"fwd_us": {n: round(1e6 * t, 1) for n, t in fwd.items()},
+            "fwd_bwd_us": {n: round(1e6 * t, 1) for n, t in both.items()}, "max_abs_diff_vs_bool_mask": diffs}
+
+
 def _time_attention(device, size, n_img, n_txt, backends, cross: bool = True) -> dict:
     """The attention op alone (forward + backward, bf16) on a padded ``prefix_lm`` batch, in a block where
     text reads the image (``cross``) or one before the switch, interleaved, with the candidate
@@ -267,19 +324,23 @@ KERNEL_KINDS = (("gemm", ("gemm", "cutlass", "nvjet", "xmma", "matmul")), ("atte
 
 def _gpu_time_profile(steps_of, device, steps: int = 3) -> dict:
     """Kernel time of ``steps`` steps (``steps_of(n)``, one window) by kind (GEMM, attention, Triton-fused,
-    optimiser, other), the top kernels, and the share of wall time the GPU was busy."""
+    optimiser, other), the top kernels, and the share of the span from the first kernel's start to the last
+    one's end that kernels ran. (It was the share of the wall time around the profiler, its own start-up
+    included: 0.70 on the H200 on 2026-11-28, which would have put the GEMMs at ~860 TFLOP/s, more than
+    that GPU's GEMMs reach; at ~1.0 they ran ~600.)"""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sync(device)
-    start = time.perf_counter()
     with profile(activities=activities) as prof:
         steps_of(steps)
-    wall_us = (time.perf_counter() - start) * 1e6
     kernels: dict[str, float] = {}
+    first, last = float("inf"), 0.0  # the span the kernels cover (the profiler's own start and stop left out)
     for evt in prof.events():
         if evt.device_type != torch.autograd.DeviceType.CPU:
             kernels[evt.name] = kernels.get(evt.name, 0.0) + evt.time_range.elapsed_us()
+            first, last = min(first, evt.time_range.start), max(last, evt.time_range.end)
+    span_us = last - first if last > first else 1.0
     total = sum(kernels.values()) or 1.0
     kinds = {kind: 0.0 for kind, _ in KERNEL_KINDS} | {"other": 0.0}
     for name, us in kernels.items():
@@ -287,7 +348,7 @@ def _gpu_time_profile(steps_of, device, steps: int = 3) -> dict:
         kind = next((k for k, words in KERNEL_KINDS if any(w in low for w in words)), "other")
         kinds[kind] += us / total
     top = sorted(kernels.items(), key=lambda kv: -kv[1])[:10]
-    return {"gpu_busy_frac": total / wall_us, "share": kinds,
+    return {"gpu_busy_frac": total / span_us, "share": kinds,
             "top_kernels": [{"name": n[:90], "share": us / total} for n, us in top]}
 
 
@@ -357,7 +418,8 @@ def main(argv: list[str] | None = None) -> int:
                                                mode=mode, profile=True)
 
     # the most wanted first: a time-out keeps every section before it (the file is rewritten after each)
-    sections = [("equivalence", backend_equivalence), ("train_base_bf16", train_base)]
+    sections = [("equivalence", backend_equivalence), ("attention_alignment", attention_alignment),
+                ("train_base_bf16", train_base)]
     if not args.smoke:  # compiling the base model takes the longest (a minute or more each)
         # (flex under compile measured 0.58x of sdpa on 2026-11-27, H200: cuDNN serves the dense mask;
         # the same-mode compiled ratio vs OpenCLIP 1.09x, eager 0.99x)
