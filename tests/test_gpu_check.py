@@ -36,3 +36,10 @@ def test_gpu_check_sh_refuses_an_unknown_argument_before_running_anything():
                          timeout=30)
     assert run.returncode == 2
     assert "unknown argument '--install-only'" in run.stderr and not run.stdout
+
+
+def test_gpu_check_py_names_the_valid_sections_for_an_unknown_one(tmp_path):
+    run = subprocess.run([sys.executable, "tools/gpu_check.py", "--smoke", "--only", "attention_alignmnet",
+                          str(tmp_path / "x.json")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "unknown section(s) ['attention_alignmnet']" in run.stderr
+    assert "attention_alignment" in run.stderr.split("valid:")[1] and not (tmp_path / "x.json").exists()

@@ -408,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
     parser.add_argument("--smoke", action="store_true", help="CPU, toy sizes: checks the script runs, not the GPU")
+    parser.add_argument("--only", action="append", default=[], metavar="SECTION", help="run this section (repeatable)")
+    parser.add_argument("--skip", action="append", default=[], metavar="SECTION", help="leave this section out (repeatable)")
     args = parser.parse_args(argv)
     size = SMOKE if args.smoke else FULL
     device = torch.device("cpu" if args.smoke else "cuda")
@@ -428,6 +430,10 @@ def main(argv: list[str] | None = None) -> int:
                      ("openclip_vit_b16_compiled", lambda device, size: openclip_ratio(
                          device, size, compiled=True, ours_mode="reduce-overhead"))]
     sections += [("openclip_vit_b16", openclip_ratio), ("prefix_lm_timing", time_prefix_lm)]
+    unknown = sorted(set(args.only + args.skip) - {name for name, _ in sections})
+    if unknown:
+        parser.error(f"unknown section(s) {unknown}; valid: {', '.join(name for name, _ in sections)}")
+    sections = [(n, fn) for n, fn in sections if (not args.only or n in args.only) and n not in args.skip]
     for name, fn in sections:
         try:
             figures[name] = fn(device, size)
