@@ -10,7 +10,7 @@
 # HERE (the package registry is reachable):
 #     bash tools/gpu_check.sh --prepare        # pure-Python wheels into .gpu_wheels/ (git-ignored)
 # then on the device, carrying that folder:
-#     run(command="set -o pipefail; bash tools/gpu_check.sh 2>&1 | tee $OUT/gpu_log.txt", carry=[".gpu_wheels"], timeout_s=520)
+#     run(command="set -o pipefail; bash tools/gpu_check.sh 2>&1 | tee $OUT/gpu_log.txt", carry=[".gpu_wheels"], timeout_s=580)
 # and AT ONCE after it (the machine is given back after 30 s idle, and a fresh start costs 30-60 s):
 #     run(command="set -o pipefail; bash tools/gpu_check.sh --trainer 2>&1 | tee $OUT/gpu_log.txt", carry=[".gpu_wheels"], timeout_s=330)
 # (H200: gpu_check.py took ~355 s on 2026-11-27, ~370 s and then over 400 s on 2026-11-28, when the
