@@ -178,6 +178,13 @@ def _split_sdpa(q, k, v, layout: AttentionLayout, layer: int):
     return torch.cat([image, text], dim=2)
 
 
+def _padded_prefix_lm(device, batch: int, n_img: int, n_txt: int, cross: bool = True) -> AttentionLayout:
+    """A ``prefix_lm`` layout of captions padded to ``n_txt`` (lengths drawn in [n_txt/2, n_txt]); block 0
+    crosses (text reads the image) when ``cross``, else it is a block before the switch."""
+    valid = torch.arange(n_txt, device=device)[None] < torch.randint(n_txt // 2, n_txt + 1, (batch, 1), device=device)
+    return AttentionLayout("prefix_lm", n_img, n_txt, text_valid=valid, cross_from_layer=0 if cross else 1)
+
+
 def _aligned_rows_bias(mask: torch.Tensor, dtype, multiple: int = 8) -> torch.Tensor:
     """A candidate ``sdpa`` mask: (N, 1, Lq, L) bool -> the additive ``dtype`` bias of the same values, its
     rows stored ``multiple`` elements apart (16-byte aligned in bf16; a bool mask becomes a contiguous bias
@@ -207,8 +214,7 @@ def attention_alignment(device, size) -> dict:
 
 def _alignment_case(device, size, n_img: int, n_txt: int) -> dict:
     batch, heads, length = size["train_batch"], size["op_heads"], n_img + n_txt
-    valid = torch.arange(n_txt, device=device)[None] < torch.randint(n_txt // 2, n_txt + 1, (batch, 1), device=device)
-    layout = AttentionLayout("prefix_lm", n_img, n_txt, text_valid=valid)
+    layout = _padded_prefix_lm(device, batch, n_img, n_txt)
     x = torch.randn(batch, length, 3 * heads * 64, device=device, dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn(batch, heads, length, 64, device=device, dtype=torch.bfloat16)
     mask = layout.dense_mask(0, 0, length, device)
@@ -235,8 +241,7 @@ def _time_attention(device, size, n_img, n_txt, backends, cross: bool = True) ->
     text reads the image (``cross``) or one before the switch, interleaved, with the candidate
     ``sdpa_split`` (checked against ``sdpa`` here too)."""
     batch, heads = size["prefix_batch"], size["op_heads"]
-    valid = torch.arange(n_txt, device=device)[None] < torch.randint(n_txt // 2, n_txt + 1, (batch, 1), device=device)
-    layout = AttentionLayout("prefix_lm", n_img, n_txt, text_valid=valid, cross_from_layer=0 if cross else 1)
+    layout = _padded_prefix_lm(device, batch, n_img, n_txt, cross)
     qkv = [torch.randn(batch, heads, n_img + n_txt, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
            for _ in range(3)]
     grad = torch.randn_like(qkv[0])
