@@ -20,6 +20,7 @@ import torch
 from vlpretrain.data.processor import CONFIG_NAME as PROCESSOR_CONFIG
 from vlpretrain.data.processor import VLProcessor
 from vlpretrain.models.modeling import VLConfig, VLModel
+from vlpretrain.models.weights import load_strict
 
 TRAINING_INFO_KEY = "vlpretrain_training"  # config.json entry carrying TrainingInfo through exports
 
@@ -96,13 +97,7 @@ def _from_checkpoint(path: Path) -> LoadedModel:
     model = VLModel(VLConfig.from_model_config(cfg.model))
     prefix = "model."
     state = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
-    missing_keys, unexpected = model.load_state_dict(state, strict=False)
-    missing_keys = [k for k in missing_keys if k != "lm_head.weight" or not cfg.model.tie_word_embeddings]
-    if missing_keys or unexpected:
-        raise IncompleteCheckpoint(f"checkpoint '{path}' does not match its config.yaml: missing {missing_keys[:5]}, "
-                                   f"unexpected {unexpected[:5]}.")
-    if cfg.model.tie_word_embeddings:
-        model.tie_weights()
+    load_strict(model, state, f"checkpoint '{path}' (the model its config.yaml describes)")
     processor = VLProcessor.from_data_config(cfg.data, cfg.model.image_size, cfg.model.max_text_len)
     state_json = json.loads((path / "trainer_state.json").read_text())
     scale = weights.get("objectives.contrastive.logit_scale")

@@ -28,6 +28,7 @@ from vlpretrain.data.bootstrap import ensure_synthetic
 from vlpretrain.data.tokenizer import load_tokenizer
 from vlpretrain.eval.during_training import evaluate
 from vlpretrain.models.modeling import VLConfig, VLModel
+from vlpretrain.models.weights import load_strict
 from vlpretrain.objectives import build_objective_set
 from vlpretrain.train.accumulate import accumulate_backward, backward
 from vlpretrain.train.checkpoint import (
@@ -88,7 +89,7 @@ def _model_from_pretrained(cfg: ExperimentConfig, tokenizer) -> VLModel:
             raise ConfigError(f"data.tokenizer's {name} is {ours} but train.init_from's model uses {theirs}; "
                               f"use the tokenizer saved with that model.")
     model = VLModel(VLConfig.from_model_config(cfg.model))
-    model.load_state_dict(pretrained.state_dict())
+    load_strict(model, pretrained.state_dict(), f"train.init_from '{cfg.train.init_from}'")
     return model
 
 
@@ -472,7 +473,8 @@ def _full_model(cfg: ExperimentConfig, accelerator, module) -> VLModel | None:
     if not accelerator.is_main_process:
         return None
     model = VLModel(VLConfig.from_model_config(cfg.model))
-    model.load_state_dict({k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}, strict=False)
+    load_strict(model, {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")},
+                "the gathered FSDP state of the trained model")
     return model.to(accelerator.device)
 
 
