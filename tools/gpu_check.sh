@@ -2,8 +2,10 @@
 # The one script for a borrowed GPU, in two calls inside the 15-minute budget:
 #   bash tools/gpu_check.sh            tools/gpu_check.py's figures as JSON in ${OUT:-.}/gpu_check.json and
 #                                      gpu_alignment.json (~7 minutes)
-#   bash tools/gpu_check.sh --trainer  the real trainer's figures (bench_gpu*.json; bench_fsdp2.json with two GPUs
-#                                      or more) and the data pipeline alone (bench_data_w12_idle.json), ~4 minutes
+#   bash tools/gpu_check.sh --trainer  FSDP2 smoke runs of the trainer (fsdp_smoke_gpu1.json, and fsdp_smoke_gpuN.json
+#                                      with N >= 2 GPUs), the real trainer's figures (bench_gpu*.json; bench_fsdp2.json
+#                                      with two GPUs or more) and the data pipeline alone (bench_data_w12_idle.json),
+#                                      ~5 minutes
 #
 # The lent GPU machine reaches no network: its python3 has torch, transformers, timm, accelerate,
 # peft, sentencepiece and torchvision, but not omegaconf, webdataset or open_clip_torch. So first,
@@ -12,9 +14,10 @@
 # then on the device, carrying that folder:
 #     run(command="set -o pipefail; bash tools/gpu_check.sh 2>&1 | tee $OUT/gpu_log.txt", carry=[".gpu_wheels"], timeout_s=580)
 # and AT ONCE after it (the machine is given back after 30 s idle, and a fresh start costs 30-60 s):
-#     run(command="set -o pipefail; bash tools/gpu_check.sh --trainer 2>&1 | tee $OUT/gpu_log.txt", carry=[".gpu_wheels"], timeout_s=330)
+#     run(command="set -o pipefail; bash tools/gpu_check.sh --trainer 2>&1 | tee $OUT/gpu_log.txt", carry=[".gpu_wheels"], timeout_s=420)
 # (H200: gpu_check.py took ~355 s on 2026-11-27, ~370 s and then over 400 s on 2026-11-28, when the
-# limit cut its last section; the trainer bench ~135 s, most of it compiling.)
+# limit cut its last section; the trainer bench ~135 s, most of it compiling. The FSDP smoke runs are new:
+# the same launcher call with a CPU config took ~45 s per run here, 1 and 2 processes.)
 # The package is not installed there: the tools put the repo root on sys.path (PYTHONPATH below).
 # Never from tests or CI (the test suite runs tools/gpu_check.py --smoke on the CPU instead).
 set -uo pipefail
@@ -53,6 +56,25 @@ if [ "$MODE" != "--trainer" ]; then
   PYTHONUNBUFFERED=1 timeout 460 "$PY" tools/gpu_check.py --skip attention_alignment "$OUT/gpu_check.json"
   exit $?
 fi
+# FSDP2 through the trainer as users launch it (`vlpretrain train --accelerate-config` is this launcher call): the
+# debug preset on synthetic data, 20 steps, evaluation across ranks, checkpoint and export; on one GPU, then on every
+# GPU when there are 2 or more. Its summary.json figures as one JSON line in fsdp_smoke_gpuN.json (log: .log).
+trainer_smoke() {  # $1: name of the figures; then accelerate launch's arguments
+  local name=$1 dir=/tmp/vlp_smoke; shift
+  rm -rf "$dir/$name"
+  timeout 150 "$PY" -m accelerate.commands.launch "$@" -m vlpretrain.train --config configs/coca-base-debug.yaml \
+    run.dir="$dir/$name" data.synthesize=1024 data.train="$dir/data/train" data.val="$dir/data/val" \
+    data.tokenizer="$dir/data/tokenizer" data.num_workers=1 train.steps=20 train.batch_size=16 train.log_every=5 \
+    eval.max_samples=64 > "$OUT/$name.log" 2>&1 || { echo "$name failed (see $name.log)"; return; }
+  "$PY" -c 'import json, sys; s = json.load(open(sys.argv[1]))
+print(json.dumps({**{k: s.get(k) for k in ("world_size", "steps", "eval", "ddp", "checkpoint", "export")},
+                  "loss": s["final_metrics"].get("loss")}))' "$dir/$name/summary.json" | tee "$OUT/$name.json"
+}
+NGPU=$(nvidia-smi -L | wc -l)
+trainer_smoke fsdp_smoke_gpu1 --config_file configs/accelerate/fsdp-8gpu.yaml --num_processes 1
+if [ "$NGPU" -ge 2 ]; then
+  trainer_smoke "fsdp_smoke_gpu$NGPU" --config_file configs/accelerate/fsdp-8gpu.yaml --num_processes "$NGPU"
+fi
 # the real trainer on the GPU under torch.compile with CUDA graphs (data pipeline, loop, logging; captions
 # padded to a multiple of 8 of each batch's longest: one CUDA graph per such length): one JSON line of
 # figures. Logged every 5 steps (the loop reads the device on the host at log steps only); resampled data
@@ -73,7 +95,7 @@ done
 timeout 60 "$PY" tools/bench_data.py --samples 6144 --workers 12 --priority idle --batch-size 128 --rounds 1 \
   > "$OUT/bench_data_w12_idle.json" || echo "bench_data.py failed"
 # two or more GPUs: the same under FSDP (2 processes), world size taken from the figures
-if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
+if [ "$NGPU" -ge 2 ]; then
   timeout 180 "$PY" -m accelerate.commands.launch --config_file configs/accelerate/fsdp-8gpu.yaml --num_processes 2 \
     tools/bench.py $BENCH > "$OUT/bench_fsdp2.json" || echo "FSDP bench failed"
 fi

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator, DistributedDataParallelKwargs
+from accelerate import Accelerator
 from accelerate.utils import DistributedType
 from accelerate.utils import set_seed
 
@@ -26,7 +26,7 @@ from vlpretrain.data.processor import VLProcessor
 from vlpretrain.data.shards import ShardStream
 from vlpretrain.data.bootstrap import ensure_synthetic
 from vlpretrain.data.tokenizer import load_tokenizer
-from vlpretrain.eval.during_training import evaluate
+from vlpretrain.eval.during_training import evaluate_val_shards
 from vlpretrain.models.modeling import VLConfig, VLModel
 from vlpretrain.models.weights import load_strict
 from vlpretrain.objectives import build_objective_set
@@ -38,6 +38,7 @@ from vlpretrain.train.host_reads import LaggedReadback, step_unless
 from vlpretrain.layers.precision import emulates, emulation_note, low_precision_context
 from vlpretrain.train.metrics import MetricsLog, plot_curves
 from vlpretrain.train.optim import build_optimizer, build_scheduler
+from vlpretrain.train.unused import ddp_record, decide_ddp
 
 
 SPECIAL_IDS = ("pad_token_id", "bos_token_id", "eos_token_id", "mask_token_id")
@@ -217,8 +218,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
     run_dir = Path(cfg.run.dir)
     accelerator = Accelerator(
         mixed_precision=t.precision, log_with=t.trackers or None, project_dir=str(run_dir),
-        step_scheduler_with_optimizer=False,
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+        step_scheduler_with_optimizer=False)  # DDP's kwargs: decide_ddp, once the objectives exist
     world, rank = accelerator.num_processes, accelerator.process_index
     if emulates(accelerator.device, t.precision):
         accelerator.print(emulation_note(t.precision))
@@ -244,6 +244,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
 
     model.set_grad_checkpointing(t.grad_checkpointing)
     objectives = build_objective_set(model, cfg.objectives)
+    unused = decide_ddp(accelerator, objectives)  # before prepare: it sets the DDP kwargs prepare uses
     optimizer = build_optimizer(objectives, cfg.optim, accelerator.device)
     scheduler = build_scheduler(optimizer, cfg.optim, t.steps)
     module, optimizer, scheduler = accelerator.prepare(objectives, optimizer, scheduler)
@@ -383,7 +384,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
                "stopped_by": stopped_by, "wall_time_s": wall,
                "samples_per_s": (state.samples_seen - samples_at_start) / max(wall, 1e-9),
                "nonfinite_steps": state.nonfinite_total, "dropped_epoch_tails": state.dropped_tail,
-               "skipped_samples": stream.skipped_by_reason(),
+               "skipped_samples": stream.skipped_by_reason(), "ddp": ddp_record(module, unused),
                "final_metrics": {k: v for k, v in (log.last or {}).items()}, "eval": state.eval,
                "checkpoint": str(final)}
     model = _full_model(cfg, accelerator, module) if t.export and stopped_by is None else None
@@ -479,22 +480,28 @@ def _full_model(cfg: ExperimentConfig, accelerator, module) -> VLModel | None:
 
 
 def _evaluate(cfg: ExperimentConfig, accelerator, module, processor, log: MetricsLog, step: int) -> dict:
-    """Evaluation on data.val by the main process (the others wait); logged as eval/* figures."""
-    results: dict[str, Any] = {}
-    model = _full_model(cfg, accelerator, module) if cfg.data.val else None
-    if model is not None:
-        stream = ShardStream(cfg.data, "val", batch_size=64, image_size=cfg.model.image_size,
-                             context_length=cfg.model.max_text_len, tokenizer=processor.tokenizer, seed=cfg.run.seed)
-        captioning = any(entry["name"] == "captioning" for entry in cfg.objectives)
-        with low_precision_context(accelerator, cfg.train.precision):
-            results = evaluate(model, iter(stream), processor.tokenizer, cfg.eval.max_samples, cfg.eval.num_captions,
-                               cfg.eval.max_new_tokens, accelerator.device, captioning=captioning)
+    """Evaluation on data.val, every rank embedding its share (eval/during_training.py); the main process
+    gets the figures and logs them as eval/*. Every rank must call this."""
+    if not cfg.data.val:
+        return {}
+    captioning = any(entry["name"] == "captioning" for entry in cfg.objectives)
+    with low_precision_context(accelerator, cfg.train.precision):
+        results = evaluate_val_shards(
+            _eval_model(accelerator, module), processor, cfg.data.val, max_samples=cfg.eval.max_samples,
+            num_captions=cfg.eval.num_captions, max_new_tokens=cfg.eval.max_new_tokens, device=accelerator.device,
+            captioning=captioning, rank=accelerator.process_index, world_size=accelerator.num_processes,
+            num_workers=cfg.data.num_workers, pad_multiple=cfg.data.pad_multiple)
+    if accelerator.is_main_process:
         figures = {f"eval/{k}": v for k, v in results.items() if isinstance(v, (int, float))}
         log.log(step, {**figures, "eval/captions": results.get("captions", [])})
         for cap in results.get("captions", []):
             accelerator.print(f"  [step {step}] {cap['generated']!r}  (reference: {cap['reference']!r})")
-    accelerator.wait_for_everyone()
     return results
+
+
+def _eval_model(accelerator, module) -> VLModel:
+    """The VLModel the evaluation calls on every rank: under DDP the local replica, unwrapped."""
+    return accelerator.unwrap_model(module).model
 
 
 def _export(model: VLModel, processor: VLProcessor, run_dir: Path) -> Path:
