@@ -110,6 +110,10 @@ class VLProcessor:
             except Exception:  # not a reachable repo either: the missing-folder error below says what to do
                 pass
         config_file = path / CONFIG_NAME
+        if not config_file.is_file() and (path / "trainer_state.json").is_file():
+            raise FileNotFoundError(f"'{path}' is a vlpretrain trainer checkpoint, not a model folder; run "
+                                    f"`vlpretrain export {path} --out DIR` first and load DIR (or "
+                                    "vlpretrain.export.source.load_source, which reads the checkpoint's processor).")
         if not config_file.is_file():
             raise FileNotFoundError(f"'{path}' has no {CONFIG_NAME}; save a processor there with "
                                     "VLProcessor.save_pretrained (the trainer's export does).")
