@@ -237,3 +237,23 @@ def test_a_checkpoint_without_manifest_is_refused_until_sealed_with_its_tokenize
     got = load_source(ckpt)
     assert got.processor(text=PROBE)["input_ids"].tolist() == want.processor(text=PROBE)["input_ids"].tolist()
     assert all(torch.equal(v, got.model.state_dict()[k]) for k, v in want.model.state_dict().items())
+
+
+def test_the_resume_weight_check_reads_a_sharded_checkpoint_from_its_metadata(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    from tests.helpers import make_model
+    from vlpretrain.objectives import build_objective_set
+    from vlpretrain.train.integrity import check_saved_weights, saved_weight_shapes
+
+    objectives = build_objective_set(make_model("debug"), [{"name": "contrastive"}, {"name": "captioning"}])
+    state = {k: v for k, v in objectives.state_dict().items() if k != "model.lm_head.weight"}  # tied: saved once
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    with pytest.warns(UserWarning, match="single process"):  # no process group: one writer
+        dcp.save({**state, "optimizer.step": torch.zeros(1)}, checkpoint_id=good)
+        state[RENAMED] = state.pop(PLANTED)
+        dcp.save(state, checkpoint_id=bad)
+    assert saved_weight_shapes(good)[PLANTED] == tuple(objectives.state_dict()[PLANTED].shape)
+    check_saved_weights(good, objectives)
+    with pytest.raises(WeightMismatch, match=rf"missing {PLANTED}; unexpected {RENAMED}"):
+        check_saved_weights(bad, objectives)

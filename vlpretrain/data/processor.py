@@ -35,12 +35,12 @@ class VLProcessor:
         self.image_transform = ImageTransform(self.image_settings, train=False)
 
     @classmethod
-    def from_data_config(cls, data_cfg, image_size: int, context_length: int, tokenizer=None) -> VLProcessor:
-        """The processor matching a training run's ``data`` section and model sizes."""
+    def from_data_config(cls, data_cfg, image_size: int, context_length: int, tokenizer) -> VLProcessor:
+        """The processor matching a training run's ``data`` section and model sizes, with the run's
+        ``tokenizer`` (given, never re-read from ``data.tokenizer``: a run keeps the one it trains with)."""
         settings = ImageSettings(size=image_size, mean=tuple(data_cfg.mean), std=tuple(data_cfg.std),
                                  max_pixels=data_cfg.max_image_pixels)
-        return cls(tokenizer if tokenizer is not None else load_tokenizer(data_cfg.tokenizer), settings,
-                   context_length)
+        return cls(tokenizer, settings, context_length)
 
     def __call__(self, images=None, text=None, return_tensors: str = "pt") -> BatchFeature:
         if return_tensors != "pt":

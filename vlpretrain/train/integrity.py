@@ -79,8 +79,7 @@ def check_resume(resume: Path | None, cfg, objectives: torch.nn.Module) -> None:
         raise ConfigError(f"cannot resume: {exc}") from None
     check_compatible(resume, cfg.model)
     _check_objective_set(resume, cfg, objectives)
-    if (resume / "model.safetensors").is_file():  # a sharded checkpoint's own load checks its keys
-        _check_saved_weights(resume / "model.safetensors", objectives)
+    check_saved_weights(resume, objectives)
 
 
 def _objective_shapes(entries, model_config) -> dict[str, tuple[int, ...]]:
@@ -110,15 +109,38 @@ def _check_objective_set(resume: Path, cfg, objectives: torch.nn.Module) -> None
         raise ConfigError(f"cannot resume from {resume}: the objectives' parameters differ ({'; '.join(diffs)}). {fix}")
 
 
-def _check_saved_weights(file: Path, objectives: torch.nn.Module) -> None:
-    """Every key and shape of the saved ``file`` against the objective set, from the file's header (no
-    tensor read). A tied weight is saved once: its aliases count as present when one of them is."""
-    from safetensors import safe_open
+WEIGHT_PREFIXES = ("model.", "objectives.")  # the ObjectiveSet's keys; a sharded checkpoint's other keys are optimiser state
 
+
+def saved_weight_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every weight checkpoint ``folder`` holds, read from file headers, no tensor loaded:
+    ``model.safetensors`` (Accelerate's save) or the ``.metadata`` of a ``torch.distributed.checkpoint``
+    folder (its ``model.*`` / ``objectives.*`` keys, full unsharded shapes). Empty when it holds neither."""
+    if (folder / "model.safetensors").is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(folder / "model.safetensors"), "pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    shapes: dict[str, tuple[int, ...]] = {}
+    for metadata in sorted(folder.rglob(".metadata")):
+        from torch.distributed.checkpoint import FileSystemReader
+
+        for key, meta in FileSystemReader(str(metadata.parent)).read_metadata().state_dict_metadata.items():
+            if key.startswith(WEIGHT_PREFIXES) and hasattr(meta, "size"):
+                shapes[key] = tuple(meta.size)
+    return shapes
+
+
+def check_saved_weights(folder: Path, objectives: torch.nn.Module) -> None:
+    """Every saved weight's key and shape against the objective set (:func:`saved_weight_shapes`). A tied
+    weight may be saved once: its aliases count as present when one of them is."""
     from vlpretrain.models.weights import WeightMismatch, weight_mismatch
 
-    with safe_open(str(file), "pt") as f:
-        saved = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+    shapes = saved_weight_shapes(folder)
+    if not shapes:
+        raise IncompleteCheckpoint(f"cannot resume: checkpoint '{folder}' holds no weights (no model.safetensors "
+                                   f"nor a torch.distributed.checkpoint .metadata). Pick a complete checkpoint.")
+    saved = {k: torch.empty(shape, device="meta") for k, shape in shapes.items()}
     aliases: dict[int, list[str]] = {}
     for key, value in objectives.state_dict(keep_vars=True).items():
         aliases.setdefault(id(value), []).append(key)
@@ -126,13 +148,13 @@ def _check_saved_weights(file: Path, objectives: torch.nn.Module) -> None:
         present = [k for k in keys if k in saved]
         for key in keys if present else []:
             saved.setdefault(key, saved[present[0]])
-    missing, unexpected, shapes = weight_mismatch(objectives, saved)
-    if missing or unexpected or shapes:
+    missing, unexpected, wrong = weight_mismatch(objectives, saved)
+    if missing or unexpected or wrong:
         parts = [f"{what} {', '.join(keys[:8])}" + (f" (+{len(keys) - 8} more)" if len(keys) > 8 else "")
-                 for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)) if keys]
-        raise WeightMismatch(f"cannot resume: the weights in {file} do not match the model and objectives of the "
-                             f"config: {'; '.join(parts)}. Resume with the config the run was trained with; nothing "
-                             f"was loaded or written.")
+                 for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
+        raise WeightMismatch(f"cannot resume: the weights in '{folder}' do not match the model and objectives of "
+                             f"the config: {'; '.join(parts)}. Resume with the config the run was trained with; "
+                             f"nothing was loaded or written.")
 
 
 def check_run_processor(run_dir: Path, resume: Path | None, processor: VLProcessor) -> None:

@@ -78,12 +78,12 @@ def _model_from_pretrained(cfg: ExperimentConfig, source, tokenizer) -> VLModel:
     for k, v in own.items():
         setattr(cfg.model, k, v)
     if len(tokenizer) > cfg.model.vocab_size:
-        raise ConfigError(f"data.tokenizer has {len(tokenizer)} tokens but train.init_from's model only "
+        raise ConfigError(f"the run's tokenizer has {len(tokenizer)} tokens but train.init_from's model only "
                           f"{cfg.model.vocab_size}; use the tokenizer saved with that model.")
     for name in SPECIAL_IDS:
         ours, theirs = getattr(tokenizer, name, None), getattr(cfg.model, name)
         if ours is not None and ours != theirs:
-            raise ConfigError(f"data.tokenizer's {name} is {ours} but train.init_from's model uses {theirs}; "
+            raise ConfigError(f"the run's tokenizer's {name} is {ours} but train.init_from's model uses {theirs}; "
                               f"use the tokenizer saved with that model.")
     model = VLModel(VLConfig.from_model_config(cfg.model))
     load_strict(model, pretrained.state_dict(), f"train.init_from '{cfg.train.init_from}'")
