@@ -227,6 +227,11 @@ def test_a_checkpoint_without_manifest_is_refused_until_sealed_with_its_tokenize
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
     ckpt = run / "checkpoints" / "step_6"
+    whole = (ckpt / "scheduler.bin").read_bytes()
+    (ckpt / "scheduler.bin").write_bytes(whole[:-1])  # a truncated copy
+    with pytest.raises(IncompleteCheckpoint, match=r"changed size: scheduler.bin \(\d+ bytes, saved \d+\)"):
+        load_source(ckpt)
+    (ckpt / "scheduler.bin").write_bytes(whole)
     (ckpt / MANIFEST).unlink()  # as saved before checkpoints carried manifests
     shutil.rmtree(run / RUN_PROCESSOR)
     with pytest.raises(IncompleteCheckpoint, match=r"no manifest.json.*python -m vlpretrain.train.integrity .*step_6 "
