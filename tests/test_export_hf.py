@@ -121,8 +121,8 @@ def test_incomplete_checkpoint_is_a_clear_error_and_writes_nothing(trained_run, 
 
 
 def test_pickled_weights_are_refused_not_run(trained_run, tmp_path):
-    folder = tmp_path / "step_6"
-    shutil.copytree(trained_run / "checkpoints" / "step_6", folder)
+    folder = tmp_path / "model"  # a model folder: a checkpoint's manifest would refuse the swapped file first
+    shutil.copytree(trained_run / "model", folder)
     (folder / "model.safetensors").unlink()
     torch.save({"weights": Path("/etc")}, folder / "pytorch_model.bin")  # an arbitrary object, not a tensor
     with pytest.raises(ValueError, match="will not be unpickled"):

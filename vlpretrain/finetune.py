@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import ImageClassifierOutput
 
-from vlpretrain.models.modeling import VLConfig, VLModel
+from vlpretrain.models.modeling import VLConfig, VLModel, strict_from_pretrained
 
 DEFAULT_TEMPLATES = ("a photo of a {}.", "{}", "an image of a {}.")
 # every linear projection of attention and MLP, in shared blocks and text experts alike
@@ -57,6 +57,12 @@ class VLModelForImageClassification(PreTrainedModel):
         self.vlmodel = VLModel(config)
         self.classifier = nn.Linear(config.embed_dim, config.num_labels)
         self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs) -> "VLModelForImageClassification":
+        """From a ``VLModel`` folder (a new ``classifier`` head) or a saved classifier; strict otherwise: a
+        missing or unexpected weight of the model is an error naming it, never a random initialisation."""
+        return strict_from_pretrained(cls, pretrained_model_name_or_path, args, kwargs, new_keys=("classifier.",))
 
     def _init_weights(self, module):
         if module is self.classifier:

@@ -35,12 +35,12 @@ class VLProcessor:
         self.image_transform = ImageTransform(self.image_settings, train=False)
 
     @classmethod
-    def from_data_config(cls, data_cfg, image_size: int, context_length: int, tokenizer=None) -> VLProcessor:
-        """The processor matching a training run's ``data`` section and model sizes."""
+    def from_data_config(cls, data_cfg, image_size: int, context_length: int, tokenizer) -> VLProcessor:
+        """The processor matching a training run's ``data`` section and model sizes, with the run's
+        ``tokenizer`` (given, never re-read from ``data.tokenizer``: a run keeps the one it trains with)."""
         settings = ImageSettings(size=image_size, mean=tuple(data_cfg.mean), std=tuple(data_cfg.std),
                                  max_pixels=data_cfg.max_image_pixels)
-        return cls(tokenizer if tokenizer is not None else load_tokenizer(data_cfg.tokenizer), settings,
-                   context_length)
+        return cls(tokenizer, settings, context_length)
 
     def __call__(self, images=None, text=None, return_tensors: str = "pt") -> BatchFeature:
         if return_tensors != "pt":
@@ -110,6 +110,10 @@ class VLProcessor:
             except Exception:  # not a reachable repo either: the missing-folder error below says what to do
                 pass
         config_file = path / CONFIG_NAME
+        if not config_file.is_file() and (path / "trainer_state.json").is_file():
+            raise FileNotFoundError(f"'{path}' is a vlpretrain trainer checkpoint, not a model folder; run "
+                                    f"`vlpretrain export {path} --out DIR` first and load DIR (or "
+                                    "vlpretrain.export.source.load_source, which reads the checkpoint's processor).")
         if not config_file.is_file():
             raise FileNotFoundError(f"'{path}' has no {CONFIG_NAME}; save a processor there with "
                                     "VLProcessor.save_pretrained (the trainer's export does).")

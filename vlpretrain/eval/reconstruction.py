@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from vlpretrain.models.weights import load_strict
 from vlpretrain.objectives import build_objectives
 
 PREFIX = "objectives.masked_image."
@@ -29,7 +30,8 @@ def masked_image_objective(checkpoint: str | Path, loaded):
                          f"objective (its decoder is saved there); '{checkpoint}' is not one. Drop the task.")
     objective = build_objectives(entries, loaded.model.config)[0]
     weights = read_weights(checkpoint)
-    objective.load_state_dict({k[len(PREFIX):]: v for k, v in weights.items() if k.startswith(PREFIX)})
+    load_strict(objective, {k[len(PREFIX):]: v for k, v in weights.items() if k.startswith(PREFIX)},
+                f"checkpoint '{checkpoint}' (its masked_image decoder)")
     return objective.eval()
 
 

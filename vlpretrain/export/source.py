@@ -2,7 +2,9 @@
 
 A checkpoint holds Accelerate's ``model.safetensors`` of the objective set (``model.*`` for the
 VLModel, ``objectives.<name>.*`` for objective parameters such as the contrastive logit scale),
-``config.yaml`` (the resolved experiment) and ``trainer_state.json``. A model folder is what
+``config.yaml`` (the resolved experiment), ``trainer_state.json`` and ``manifest.json`` (its files, checked
+before anything is read, and the run's processor folder: the tokenizer it was trained with, never
+``data.tokenizer``). Every weight is loaded strictly, from either source. A model folder is what
 ``VLModel.save_pretrained`` + ``VLProcessor.save_pretrained`` write (the trainer's ``run.dir/model``
 or an ``hf`` export). Nothing here unpickles: weights come from safetensors, or from a ``.bin`` file
 through ``torch.load(weights_only=True)``, which refuses anything but tensors and plain containers.
@@ -21,6 +23,7 @@ from vlpretrain.data.processor import CONFIG_NAME as PROCESSOR_CONFIG
 from vlpretrain.data.processor import VLProcessor
 from vlpretrain.models.modeling import VLConfig, VLModel
 from vlpretrain.models.weights import load_strict
+from vlpretrain.train.checkpoint import IncompleteCheckpoint, check_manifest, checkpoint_processor
 
 TRAINING_INFO_KEY = "vlpretrain_training"  # config.json entry carrying TrainingInfo through exports
 
@@ -45,10 +48,6 @@ class LoadedModel:
     model: VLModel
     processor: VLProcessor
     info: TrainingInfo
-
-
-class IncompleteCheckpoint(FileNotFoundError):
-    """A checkpoint or model folder that lacks a file an export needs."""
 
 
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -91,6 +90,8 @@ def _from_checkpoint(path: Path) -> LoadedModel:
     if missing:
         raise IncompleteCheckpoint(f"checkpoint '{path}' is incomplete: no {', '.join(missing)}. Pick a complete "
                                    "checkpoints/step_N folder (hidden .step_N.tmp folders are unfinished saves).")
+    check_manifest(path)  # every file the save wrote, before any is read
+    processor = VLProcessor.from_pretrained(checkpoint_processor(path))
     cfg: ExperimentConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ExperimentConfig),
                                                                 OmegaConf.load(path / "config.yaml")))
     weights = read_weights(path)
@@ -98,7 +99,6 @@ def _from_checkpoint(path: Path) -> LoadedModel:
     prefix = "model."
     state = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
     load_strict(model, state, f"checkpoint '{path}' (the model its config.yaml describes)")
-    processor = VLProcessor.from_data_config(cfg.data, cfg.model.image_size, cfg.model.max_text_len)
     state_json = json.loads((path / "trainer_state.json").read_text())
     scale = weights.get("objectives.contrastive.logit_scale")
     info = TrainingInfo(objectives=[dict(vars(o)) if not isinstance(o, dict) else o for o in cfg.objectives],
@@ -128,6 +128,6 @@ def _from_model_folder(path: Path) -> LoadedModel:
             raise IncompleteCheckpoint(f"'{path}' is neither a checkpoint (no config.yaml / trainer_state.json) nor "
                                        f"a complete model folder (no {name}).")
     read_weights(path)  # a clear error before transformers reports a missing file its own way
-    model = VLModel.from_pretrained(str(path))
+    model = VLModel.from_pretrained(str(path))  # strict: a missing or unexpected weight is an error
     info = TrainingInfo(**getattr(model.config, TRAINING_INFO_KEY, None) or {})
     return LoadedModel(model, VLProcessor.from_pretrained(path), info)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -48,6 +49,29 @@ class VLConfig(PretrainedConfig):
         return cfg
 
 
+def strict_from_pretrained(cls, path, args, kwargs, new_keys: tuple[str, ...] = ()):
+    """``PreTrainedModel.from_pretrained`` of ``cls``, strict: a missing, unexpected or wrong-shape weight is
+    an error naming it (transformers initialises a missing one at random and only reports it), except keys
+    starting with ``new_keys`` (a head the folder cannot hold). A trainer checkpoint folder is refused with
+    the command that turns it into a model folder: its weights may be sharded and are prefixed by objective."""
+    folder = Path(str(path))
+    if (folder / "trainer_state.json").is_file() and not (folder / "config.json").is_file():
+        raise ValueError(f"'{folder}' is a vlpretrain trainer checkpoint (checkpoints/step_N), not a model folder; "
+                         f"its weights may be sharded across processes. Run `vlpretrain export {folder} --out DIR` "
+                         f"first (it consolidates them) and load DIR.")
+    want_info = kwargs.pop("output_loading_info", False)
+    model, info = PreTrainedModel.from_pretrained.__func__(cls, path, *args, output_loading_info=True, **kwargs)
+    bad = {what: sorted(str(k) for k in info.get(key) or () if not str(k).startswith(new_keys) or what != "missing")
+           for what, key in (("missing", "missing_keys"), ("unexpected", "unexpected_keys"),
+                             ("wrong shape", "mismatched_keys"))}
+    if any(bad.values()):
+        named = "; ".join(f"{what} {', '.join(keys[:8])}" + (f" (+{len(keys) - 8} more)" if len(keys) > 8 else "")
+                          for what, keys in bad.items() if keys)
+        raise ValueError(f"the weights in '{path}' do not match {cls.__name__}: {named}. Load them into the model "
+                         f"they were saved from (same config and key names).")
+    return (model, info) if want_info else model
+
+
 @dataclass
 class VLModelOutput(ModelOutput):
     """``loss`` (captioning, when labels are given), text ``logits`` and final hidden states."""
@@ -79,6 +103,11 @@ class VLModel(PreTrainedModel):
         self.post_init()
 
     # -- HF plumbing --------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs) -> "VLModel":
+        """``PreTrainedModel.from_pretrained``, strict (see :func:`strict_from_pretrained`)."""
+        return strict_from_pretrained(cls, pretrained_model_name_or_path, args, kwargs)
+
     def _init_weights(self, module):
         """CLIP's width- and depth-aware initialisation (OpenAI CLIP, OpenCLIP): attention inputs and
         projections std width^-1/2, the two residual outputs of a block width^-1/2 (2 depth)^-1/2, the

@@ -5,11 +5,18 @@ scheduler, every process's RNG states), each rank's data-stream position (JSON),
 (JSON: step, samples seen, counters) and the resolved config. A folder is complete exactly when it
 carries the final name: a save killed half-way leaves only ``.step_<N>.tmp``, which resume ignores.
 Nothing here unpickles: Accelerate loads with ``weights_only=True``; our own files are JSON/YAML.
+
+Each checkpoint also holds ``manifest.json``: every other file of the folder with its size (whatever
+the save wrote: Accelerate's files, sharded ``torch.distributed.checkpoint`` files, data state), and
+the run's processor folder (tokenizer + processor config, ``run.dir/processor``) as a path relative
+to the checkpoint, so a moved run folder still finds it. Resume, export, eval and ``train.init_from``
+check the files against it and read the tokenizer from there, never from ``data.tokenizer``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -21,8 +28,15 @@ from vlpretrain.config import ConfigError
 PREFIX = "step_"
 TRAINER_STATE = "trainer_state.json"
 CONFIG_FILE = "config.yaml"
+MANIFEST = "manifest.json"
+RUN_PROCESSOR = "processor"  # run.dir/processor: the tokenizer and processor config the run trains with
+SEAL_COMMAND = "python -m vlpretrain.train.integrity"  # seals a checkpoint saved before manifests existed
 # model keys that may change between a checkpoint and its resume (they change no parameter shape)
 _NOT_ARCHITECTURE = {"attn_backend", "patch_dropout", "preset"}
+
+
+class IncompleteCheckpoint(ConfigError, FileNotFoundError):
+    """A checkpoint or model folder that lacks a file (or its manifest) a consumer needs."""
 
 
 def checkpoints_dir(run_dir: str | Path) -> Path:
@@ -90,6 +104,7 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, trainer_state: 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / CONFIG_FILE).write_text(config_yaml)
+        write_manifest(tmp, Path(run_dir) / RUN_PROCESSOR)  # after every other file, before the last
         (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1))  # last file: marks it whole
         trash = root / f".{PREFIX}{step}.old"
         if final.exists():  # the same step saved again: keep a complete copy until the new one is in place
@@ -112,3 +127,47 @@ def load_checkpoint(accelerator, path: Path) -> tuple[dict, dict | None]:
     data_file = path / f"data_state_rank{accelerator.process_index}.json"
     data_state = json.loads(data_file.read_text()) if data_file.is_file() else None
     return trainer_state, data_state
+
+
+def write_manifest(folder: Path, processor_dir: Path) -> None:
+    """``folder/manifest.json``: every file under ``folder`` (relative name -> bytes) but the manifest and
+    trainer_state.json (written after it), and ``processor_dir`` relative to ``folder``. The main process
+    writes it once every rank's files are in place."""
+    files = {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+    for own in (MANIFEST, TRAINER_STATE):
+        files.pop(own, None)
+    manifest = {"format": 1, "processor": os.path.relpath(processor_dir, folder), "files": files}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+
+def check_manifest(folder: Path) -> dict:
+    """The manifest of checkpoint ``folder`` once every file it lists is there with its size; else an
+    :class:`IncompleteCheckpoint` naming the missing or truncated files."""
+    if not (folder / MANIFEST).is_file():
+        raise IncompleteCheckpoint(
+            f"checkpoint '{folder}' has no {MANIFEST}: it was saved before checkpoints recorded their files and "
+            f"tokenizer, so it cannot say which tokenizer it was trained with. Seal it once with that tokenizer: "
+            f"`{SEAL_COMMAND} {folder} --tokenizer DIR` (writes the run's processor folder and the manifest).")
+    manifest = json.loads((folder / MANIFEST).read_text())
+    missing = [name for name in manifest["files"] if not (folder / name).is_file()]
+    short = [f"{name} ({(folder / name).stat().st_size} bytes, saved {size})" for name, size in manifest["files"].items()
+             if name not in missing and (folder / name).stat().st_size != size]
+    if missing or short:
+        problems = ([f"no {', '.join(missing)}"] if missing else []) + ([f"changed size: {', '.join(short)}"] if short
+                                                                        else [])
+        raise IncompleteCheckpoint(f"checkpoint '{folder}' is incomplete: {'; '.join(problems)} (listed in its "
+                                   f"{MANIFEST}). Copy the checkpoint again whole, or pick another complete "
+                                   f"checkpoints/step_N folder.")
+    return manifest
+
+
+def checkpoint_processor(folder: Path) -> Path:
+    """The processor folder (tokenizer + processor config) checkpoint ``folder`` was trained with, checked."""
+    from vlpretrain.data.processor import CONFIG_NAME
+
+    target = folder / check_manifest(folder)["processor"]
+    if not (target / CONFIG_NAME).is_file():
+        raise IncompleteCheckpoint(
+            f"checkpoint '{folder}' points to its run's processor at '{os.path.normpath(target)}', which has no "
+            f"{CONFIG_NAME}. Move or copy the run folder whole (the checkpoint and run.dir/{RUN_PROCESSOR} together).")
+    return target

@@ -25,14 +25,13 @@ from vlpretrain.config import CUDA_GRAPH_MODES, ConfigError, ExperimentConfig, t
 from vlpretrain.data.processor import VLProcessor
 from vlpretrain.data.shards import ShardStream
 from vlpretrain.data.bootstrap import ensure_synthetic
-from vlpretrain.data.tokenizer import load_tokenizer
 from vlpretrain.eval.during_training import evaluate_val_shards
 from vlpretrain.models.modeling import VLConfig, VLModel
 from vlpretrain.models.weights import load_strict
 from vlpretrain.objectives import build_objective_set
 from vlpretrain.train.accumulate import accumulate_backward, backward
-from vlpretrain.train.checkpoint import (
-    check_compatible, complete_checkpoints, load_checkpoint, resolve_resume, save_checkpoint)
+from vlpretrain.train.checkpoint import complete_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+from vlpretrain.train.integrity import check_resume, check_run_processor, run_tokenizer, save_run_processor
 from vlpretrain.train.flops import FlopCounter, device_peak_flops
 from vlpretrain.train.host_reads import LaggedReadback, step_unless
 from vlpretrain.layers.precision import emulates, emulation_note, low_precision_context
@@ -71,27 +70,34 @@ def _tokenizer_into_model_config(cfg: ExperimentConfig, tokenizer) -> None:
     m.validate()
 
 
-def _model_from_pretrained(cfg: ExperimentConfig, tokenizer) -> VLModel:
-    """``train.init_from`` (a model folder or a ``checkpoints/step_N`` folder): the pretrained weights
-    and architecture, the run's own non-architecture keys, and a tokenizer the model knows."""
-    from vlpretrain.export.source import load_source
-
-    pretrained = load_source(cfg.train.init_from).model
+def _model_from_pretrained(cfg: ExperimentConfig, source, tokenizer) -> VLModel:
+    """``train.init_from`` (``source``: its model folder or ``checkpoints/step_N`` folder, loaded): the
+    pretrained weights and architecture, the run's own non-architecture keys, and a tokenizer the model knows."""
+    pretrained = source.model
     own = {k: getattr(cfg.model, k) for k in ("attn_backend", "patch_dropout")}
     cfg.model = pretrained.config.to_model_config()
     for k, v in own.items():
         setattr(cfg.model, k, v)
     if len(tokenizer) > cfg.model.vocab_size:
-        raise ConfigError(f"data.tokenizer has {len(tokenizer)} tokens but train.init_from's model only "
+        raise ConfigError(f"the run's tokenizer has {len(tokenizer)} tokens but train.init_from's model only "
                           f"{cfg.model.vocab_size}; use the tokenizer saved with that model.")
     for name in SPECIAL_IDS:
         ours, theirs = getattr(tokenizer, name, None), getattr(cfg.model, name)
         if ours is not None and ours != theirs:
-            raise ConfigError(f"data.tokenizer's {name} is {ours} but train.init_from's model uses {theirs}; "
+            raise ConfigError(f"the run's tokenizer's {name} is {ours} but train.init_from's model uses {theirs}; "
                               f"use the tokenizer saved with that model.")
     model = VLModel(VLConfig.from_model_config(cfg.model))
     load_strict(model, pretrained.state_dict(), f"train.init_from '{cfg.train.init_from}'")
     return model
+
+
+def _load_init_from(init_from: str | None):
+    """``train.init_from``'s model folder or checkpoint, loaded (weights, processor, facts); None without it."""
+    if not init_from:
+        return None
+    from vlpretrain.export.source import load_source
+
+    return load_source(init_from)
 
 
 def _micro_batch_size(cfg: ExperimentConfig, world: int) -> int:
@@ -228,15 +234,15 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
     if accelerator.is_main_process:
         ensure_synthetic(cfg.data, cfg.model.image_size, cfg.run.seed)
     accelerator.wait_for_everyone()
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    pretrained = _load_init_from(t.init_from)
+    tokenizer = run_tokenizer(cfg, resume, pretrained, accelerator.print)  # the model's own on resume/init_from
     set_seed(cfg.run.seed)
-    if t.init_from:
-        model = _model_from_pretrained(cfg, tokenizer)
+    if pretrained is not None:
+        model = _model_from_pretrained(cfg, pretrained, tokenizer)
+        del pretrained  # its weights are copied: no second model held through the run
     else:
         _tokenizer_into_model_config(cfg, tokenizer)
         model = VLModel(VLConfig.from_model_config(cfg.model))
-    if resume is not None:
-        check_compatible(resume, cfg.model)
     stream = ShardStream(cfg.data, "train", batch_size=micro, image_size=cfg.model.image_size,
                          context_length=cfg.model.max_text_len, tokenizer=tokenizer, rank=rank,
                          world_size=world, seed=cfg.run.seed, pin_memory=accelerator.device.type == "cuda",
@@ -244,6 +250,9 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
 
     model.set_grad_checkpointing(t.grad_checkpointing)
     objectives = build_objective_set(model, cfg.objectives)
+    processor = VLProcessor.from_data_config(cfg.data, cfg.model.image_size, cfg.model.max_text_len, tokenizer)
+    check_resume(resume, cfg, objectives)  # every resume check before the first write into run.dir
+    check_run_processor(run_dir, resume, processor)
     unused = decide_ddp(accelerator, objectives)  # before prepare: it sets the DDP kwargs prepare uses
     optimizer = build_optimizer(objectives, cfg.optim, accelerator.device)
     scheduler = build_scheduler(optimizer, cfg.optim, t.steps)
@@ -258,11 +267,11 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
     counter = FlopCounter(objectives)
     native_low_precision = t.precision in ("bf16", "fp16") and not emulates(accelerator.device, t.precision)
     peak = device_peak_flops(accelerator.device, native_low_precision)  # emulated low precision runs fp32 GEMMs
-    processor = VLProcessor.from_data_config(cfg.data, cfg.model.image_size, cfg.model.max_text_len, tokenizer)
     config_yaml = to_yaml(cfg)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(config_yaml)
+        save_run_processor(run_dir, processor)  # what every checkpoint's manifest points to
     accelerator.init_trackers(run_dir.name, config=_flat(cfg), init_kwargs=_tracker_kwargs(t.trackers, run_dir))
     state = _State()
     if resume is not None:  # last before the loop: it restores the RNG states the next step draws from
