@@ -174,7 +174,7 @@ def test_trainer_saved_by_1_process_resumes_on_2_and_trains_on_the_rest_of_the_e
 
     data = tmp_path / "data"  # one epoch = 8 shards x 12 = 96 samples = 6 steps of 16
     synthesize(data, 96, image_size=32, seed=3, samples_per_shard=12, num_val=1)
-    common = ["train.steps=10", "train.ckpt_every=4", "train.keep_last=0", "data.num_workers=2",
+    common = ["train.steps=10", "train.ckpt_every=4", "train.keep_last=3", "data.num_workers=2",
               "data.shuffle_buffer=16", f"data.train={data}/train", "data.val=null", "train.export=false",
               "optim.warmup_steps=3", "objectives=[{name: contrastive}]"]
     env = {**ENV, RECORD_KEYS_ENV: "1"}
