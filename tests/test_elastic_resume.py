@@ -95,6 +95,40 @@ def test_the_same_layout_continues_bit_exactly_on_every_rank(corpus, tokenizer):
             assert torch.equal(want["input_ids"], got["input_ids"])
 
 
+def test_resampled_mode_continues_exactly_in_its_layout_and_draws_afresh_in_another(corpus, tokenizer):
+    cfg = data_config(corpus, num_workers=2, shuffle_buffer=16, mode="resampled")
+    unbroken = take(make_stream(cfg, batch_size=4, seed=5, tokenizer=tokenizer), 9)
+    stopped = make_stream(cfg, batch_size=4, seed=5, tokenizer=tokenizer)
+    take(stopped, 6)
+    position = _saved([stopped])
+    assert position["remaining"] == {}  # draws with replacement: nothing is owed to a new layout
+    same = make_stream(cfg, batch_size=4, seed=5, tokenizer=tokenizer)
+    assert same.load_position(position) == "exact"
+    assert [b["keys"] for b in take(same, 3)] == [b["keys"] for b in unbroken[6:]]
+    other = make_stream(data_config(corpus, num_workers=1, shuffle_buffer=16, mode="resampled"), batch_size=4,
+                        rank=1, world_size=2, seed=5, tokenizer=tokenizer)
+    assert other.load_position(position) == "redistributed" and other.epoch == stopped.epoch + 1
+    assert all(len(b["keys"]) == 4 for b in take(other, 3))
+
+
+def test_a_resume_with_another_shard_list_is_refused_before_anything_is_written(synth_root, tmp_path,
+                                                                              fresh_accelerate_state):
+    from tests.helpers import train_overrides
+    from vlpretrain.config import ConfigError, load_config
+    from vlpretrain.train.loop import train
+
+    run_dir = tmp_path / "run"
+    common = ["train.steps=2", "train.ckpt_every=2", "train.export=false", "data.val=null"]
+    train(load_config(None, train_overrides(synth_root, run_dir, *common)))
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
+    fewer = f"{synth_root}/train/shard-0000{{00..05}}.tar"
+    saved = len(list((synth_root / "train").glob("*.tar")))
+    with pytest.raises(ConfigError, match=rf"data spec changed: the shard list \(saved: {saved} shards.*now: 6 shards.*Fix"):
+        train(load_config(None, train_overrides(synth_root, run_dir, *common, "train.steps=4", "train.resume=auto",
+                                                f"data.train={fewer}")))
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before
+
+
 def _count_bytes(monkeypatch, log: Path) -> None:
     """Every shard opened from here on (in this process or its forked workers) appends ``name bytes`` to
     ``log`` when closed."""

@@ -6,19 +6,28 @@ Design (every random choice derives from ``(seed, epoch, rank, worker)``, nothin
    every rank), then global worker ``g = rank * num_workers + worker`` takes shards ``g, g + R*W, ...``
    so each shard is read by exactly one worker of one rank per epoch. ``resampled`` mode: each worker
    draws ``ceil(shards / (R*W))`` shards with replacement (per-source weights) for its "epoch"; the
-   stream is endless because epochs follow one another, and only full batches are delivered.
+   stream is endless because epochs follow one another, and only full batches are delivered. A worker's
+   plan is a list of tasks (:mod:`vlpretrain.data.position`): a fresh epoch's are whole shards.
 2. **Raw samples** (:mod:`vlpretrain.data.reader`) go through a seeded shuffle buffer holding
-   *encoded* bytes; bad ones are skipped and counted by reason and shard.
+   *encoded* bytes (:class:`ShuffleBuffer`); bad ones are skipped and counted by reason and shard.
 3. Each sample leaving the buffer has a position ``i`` in its worker's stream; its caption draw (``data.captions``)
    and random crop are seeded by ``(seed, epoch, rank, worker, i)``. Images are decoded (early JPEG
    downscaling), transformed, and batched *in the worker*, captions tokenised to the batch's longest.
 4. **Order.** Workers' batches are delivered round-robin (worker 0, 1, ..., 0, 1, ...; a finished
    worker drops out). PyTorch's DataLoader only approximates this when workers finish unevenly, so
    the main process re-orders into exactly this sequence (a few batches of buffering at most).
-5. **Position.** ``state_dict()`` holds the epoch, and per worker the batches delivered and the
-   number of buffer outputs they consumed (the cursor). A restored worker replays its raw stream up
-   to the cursor *without decoding* (reading bytes only, ~free next to decoding), so the next batches
-   are exactly those an unbroken run would have produced. Skip counts so far are part of the state.
+5. **Position.** Every batch carries its worker's state at that point: the task in progress and the
+   sample groups of it read, the shuffle buffer's slots (by shard and group index), its RNG draws and
+   its position ``i``. The main process keeps the state of each worker's last *delivered* batch; from it
+   follows what is left of the worker's epoch (:func:`~vlpretrain.data.position.advance`): shards it
+   finished are gone, shards read to the end keep only the samples still buffered, the shard in
+   progress continues after its last read group. :meth:`ShardStream.state_dict` is one rank's share;
+   :meth:`ShardStream.gather_position` joins every rank's into the world-size-independent position the
+   checkpoint saves (``data_state.json``), and :meth:`ShardStream.load_position` continues it: in the
+   same layout each worker refills its buffer slots from their shards and continues bit-exactly; in
+   another the rest of every started epoch is dealt out to the new readers. Either way a restarted
+   reader opens only the shards it still needs and passes over groups already read without keeping
+   them (see data/README.md "Resuming").
 
 The epoch reaches the workers because every epoch starts fresh worker processes (no persistent
 workers: nothing accumulates across epochs). A DataLoader ``timeout`` turns a stuck worker into an
@@ -242,7 +251,8 @@ def set_worker_priority(priority: str, worker_id: int = 0) -> None:
 
 
 class ShardStream:
-    """Batches for one rank, one epoch per ``iter()``; ``state_dict``/``load_state_dict`` resume exactly.
+    """Batches for one rank, one epoch per ``iter()``; resumable (``state_dict``, ``gather_position``,
+    ``load_position``: module doc, point 5).
 
     Each batch is a dict: ``pixel_values`` (B, 3, S, S) float32 (uint8 with ``normalize=False``: then the
     consumer calls :meth:`normalize`, e.g. on its GPU after the copy), ``input_ids``/``attention_mask``

@@ -10,6 +10,7 @@ Nothing here unpickles: Accelerate loads with ``weights_only=True``; our own fil
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -152,7 +153,8 @@ def _seed_ranks_without_rng_state(accelerator, path: Path, step: int) -> None:
     if (path / f"{RNG_STATE_NAME}_{rank}.pkl").is_file():
         return
     seed = int(OmegaConf.load(path / CONFIG_FILE).get("run", {}).get("seed", 0))
-    set_seed(seed * 1_000_003 + rank * 7919 + step)
+    digest = hashlib.sha256(f"rng/{seed}/{rank}/{step}".encode()).digest()
+    set_seed(int.from_bytes(digest[:4], "little"))  # numpy takes seeds below 2**32
     print(f"[rank {rank}] {path} holds no RNG state for rank {rank} (saved by fewer processes): "
           f"seeded from (run.seed, rank, step)", flush=True)
 
