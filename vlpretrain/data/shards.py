@@ -68,9 +68,8 @@ def plan_shards(sources: list[list[str]], *, resampled: bool, weights: list[floa
     slots = world_size * num_workers
     everything = list(range(sum(len(urls) for urls in sources)))
     if not resampled:
-        if shuffle:
-            random.Random(f"shards/{seed}/{epoch}").shuffle(everything)
-        return everything[rank * num_workers + worker::slots]
+        order = _shuffled(len(everything), seed, epoch) if shuffle else everything
+        return list(order[rank * num_workers + worker::slots])
     rng = random.Random(f"resample/{seed}/{epoch}/{rank}/{worker}")
     draws = math.ceil(len(everything) / slots)
     if weights is None:  # uniform over shards
@@ -78,6 +77,14 @@ def plan_shards(sources: list[list[str]], *, resampled: bool, weights: list[floa
     offsets = [sum(len(urls) for urls in sources[:s]) for s in range(len(sources))]
     picks = rng.choices(range(len(sources)), weights=weights, k=draws)
     return [offsets[s] + rng.choice(range(len(sources[s]))) for s in picks]
+
+
+@functools.lru_cache(maxsize=4)
+def _shuffled(n: int, seed: int, epoch: int) -> tuple[int, ...]:
+    """Shard order of an epoch (the same on every rank); cached: every worker of every rank slices it."""
+    order = list(range(n))
+    random.Random(f"shards/{seed}/{epoch}").shuffle(order)
+    return tuple(order)
 
 
 class ShuffleBuffer:
