@@ -154,6 +154,15 @@ def _count_bytes(monkeypatch, log: Path) -> None:
             self.n += len(data)
             return data
 
+        def seekable(self):
+            return self.stream.seekable()
+
+        def seek(self, *args):
+            return self.stream.seek(*args)
+
+        def tell(self):
+            return self.stream.tell()
+
         def close(self):
             with open(log, "a") as f:
                 f.write(f"{Path(self.url).name} {self.n}\n")

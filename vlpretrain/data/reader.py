@@ -136,19 +136,34 @@ class _TailReader:
         return start >= 0 and self.tail[start:start + tarfile.BLOCKSIZE] == _ZERO_BLOCK
 
 
+class _SeekingReader:
+    """A local plain tar read with seeks over the members nobody wants."""
+
+    def __init__(self, fileobj):
+        self.fileobj = fileobj
+        self.read, self.seek, self.tell = fileobj.read, fileobj.seek, fileobj.tell
+
+    def ended_properly(self, offset: int) -> bool:
+        self.fileobj.seek(offset)
+        return self.fileobj.read(tarfile.BLOCKSIZE) == _ZERO_BLOCK
+
+
 def _tar_members(url: str, want: Callable[[str], bool] | None = None) -> Iterator[tuple[str, bytes | None]]:
     """(name, bytes) of each regular member; raises ``_Truncated`` / ``_Unreadable`` on damage. A member
-    ``want(name)`` declines comes as (name, None): its data is passed over, never copied into memory."""
+    ``want(name)`` declines comes as (name, None): its data is passed over, never copied into memory (in a
+    local plain tar not even read: seeked past)."""
     from webdataset.gopen import gopen
 
     try:
         stream = gopen(url, "rb")
     except Exception as exc:  # noqa: BLE001 - any failure to open is reported as unreadable
         raise _Unreadable(f"{type(exc).__name__}: {exc}") from None
-    reader = _TailReader(stream)
+    # passing over members of a local plain tar: seek past their data instead of reading it
+    seeking = want is not None and not is_remote(url) and url.endswith(".tar") and stream.seekable()
+    reader = _SeekingReader(stream) if seeking else _TailReader(stream)
     seen_any, name = False, None
     try:
-        with tarfile.open(fileobj=reader, mode="r|*") as tar:
+        with tarfile.open(fileobj=reader, mode="r:" if seeking else "r|*") as tar:
             for member in tar:
                 if not member.isfile():
                     continue
