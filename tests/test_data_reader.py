@@ -38,3 +38,33 @@ def test_cut_plain_shard_is_counted_as_truncated(tmp_path):
     skips = SkipCounter()
     keys = [s.key for s in iter_shard(str(path), skips)]
     assert keys == ["s0", "s1"] and by_reason(skips.take()) == {"truncated_tar": 1}
+
+
+def test_resuming_a_shard_passes_over_read_groups_and_keeps_the_listed_ones(tmp_path):
+    """``start``/``keep`` (a data position's task): groups before ``start`` are passed over (a local plain tar
+    seeks, gzip and pipes read through) and neither yielded nor counted again, except those in ``keep``;
+    their keys still count for duplicate detection."""
+    members = []
+    for key, parts in [("s0", "jt"), ("nocap", "j"), ("s2", "jt"), ("s3", "jt"), ("s4", "jt"), ("s0", "jt"),
+                       ("s6", "jt")]:  # groups 0..6: 1 lacks a caption, 5 repeats key s0
+        members += [(f"{key}.{'jpg' if p == 'j' else 'txt'}", jpeg_bytes() if p == "j" else key.encode())
+                    for p in parts]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    plain, packed = tmp_path / "shard.tar", tmp_path / "shard.tar.gz"
+    plain.write_bytes(buf.getvalue())
+    packed.write_bytes(gzip.compress(buf.getvalue()))
+    for url in (str(plain), str(packed), f"pipe:cat {plain}"):
+        skips = SkipCounter()
+        assert [(s.key, s.index) for s in iter_shard(url, skips)] == [("s0", 0), ("s2", 2), ("s3", 3), ("s4", 4),
+                                                                      ("s6", 6)]
+        assert by_reason(skips.take()) == {"missing_caption": 1, "duplicate_key": 1}
+        assert [(s.key, s.index) for s in iter_shard(url, skips, start=4, keep=[2])] == [("s2", 2), ("s4", 4),
+                                                                                         ("s6", 6)]
+        assert by_reason(skips.take()) == {"duplicate_key": 1}  # group 5, after the start: counted
+        assert [(s.key, s.index) for s in iter_shard(url, skips, start=None, keep=[0, 3])] == [("s0", 0), ("s3", 3)]
+        assert by_reason(skips.take()) == {}

@@ -232,7 +232,7 @@ from tests.data_helpers import data_config, make_stream, take
 from pathlib import Path
 root, state_file, n, out = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
 stream = make_stream(data_config(root, num_workers=2, shuffle_buffer=16), batch_size=8, seed=7)
-stream.load_state_dict(json.loads(Path(state_file).read_text()))
+assert stream.load_position(json.loads(Path(state_file).read_text())) == "exact"
 torch.save([{k: b[k] for k in ("keys", "pixel_values", "input_ids")} for b in take(stream, n)], out)
 """
 
@@ -242,8 +242,8 @@ def test_resume_in_a_new_process_continues_the_unbroken_stream(corpus, tokenizer
     unbroken = take(make_stream(cfg, batch_size=8, seed=7, tokenizer=tokenizer), 17)  # 13 batches per epoch
     stopped = make_stream(cfg, batch_size=8, seed=7, tokenizer=tokenizer)
     take(stopped, 10)  # stop mid-epoch; the tail of an epoch has workers finishing unevenly
-    state = stopped.state_dict()
-    (tmp_path / "state.json").write_text(json.dumps(state))
+    position = stopped.gather_position([stopped.state_dict()])
+    (tmp_path / "state.json").write_text(json.dumps(position))
     result = run_python(RESUME_SCRIPT, str(corpus), str(tmp_path / "state.json"), "7", str(tmp_path / "out.pt"))
     assert result.returncode == 0, result.stderr[-3000:]
     resumed = torch.load(tmp_path / "out.pt")
@@ -251,9 +251,13 @@ def test_resume_in_a_new_process_continues_the_unbroken_stream(corpus, tokenizer
         assert want["keys"] == got["keys"]
         assert torch.equal(want["pixel_values"], got["pixel_values"])
         assert torch.equal(want["input_ids"], got["input_ids"])
-    other = make_stream(data_config(corpus, num_workers=1), batch_size=8, seed=7, tokenizer=tokenizer)
-    with pytest.raises(ValueError, match="num_workers: saved 2 != now 1"):
-        other.load_state_dict(state)
+    other = make_stream(cfg, batch_size=8, seed=8, tokenizer=tokenizer)  # a different data spec: refused
+    with pytest.raises(ConfigError, match=r"data spec changed: run.seed \(saved 7, now 8\).*Fix: resume with"):
+        other.load_position(position)
+    fewer = make_stream(data_config(corpus, train=str(corpus / "train" / "shard-00000{0..8}.tar")), tokenizer=tokenizer,
+                        seed=7)
+    with pytest.raises(ConfigError, match=r"the shard list \(saved: 10 shards.*now: 9 shards"):
+        fewer.load_position(position)
 
 
 # -- remote shards -----------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import json
 import re
 import tarfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +46,7 @@ class RawSample:
     shard: str
     image: bytes
     captions: list[str]
+    index: int = 0  # the sample's group index in its shard (bad groups count too): what a data position names
 
 
 class SkipCounter:
@@ -135,22 +136,42 @@ class _TailReader:
         return start >= 0 and self.tail[start:start + tarfile.BLOCKSIZE] == _ZERO_BLOCK
 
 
-def _tar_members(url: str) -> Iterator[tuple[str, bytes]]:
-    """(name, bytes) of each regular member; raises ``_Truncated`` / ``_Unreadable`` on damage."""
+class _SeekingReader:
+    """A local plain tar read with seeks over the members nobody wants."""
+
+    def __init__(self, fileobj):
+        self.fileobj = fileobj
+        self.read, self.seek, self.tell = fileobj.read, fileobj.seek, fileobj.tell
+
+    def ended_properly(self, offset: int) -> bool:
+        self.fileobj.seek(offset)
+        return self.fileobj.read(tarfile.BLOCKSIZE) == _ZERO_BLOCK
+
+
+def _tar_members(url: str, want: Callable[[str], bool] | None = None) -> Iterator[tuple[str, bytes | None]]:
+    """(name, bytes) of each regular member; raises ``_Truncated`` / ``_Unreadable`` on damage. A member
+    ``want(name)`` declines comes as (name, None): its data is passed over, never copied into memory (in a
+    local plain tar not even read: seeked past)."""
     from webdataset.gopen import gopen
 
     try:
         stream = gopen(url, "rb")
     except Exception as exc:  # noqa: BLE001 - any failure to open is reported as unreadable
         raise _Unreadable(f"{type(exc).__name__}: {exc}") from None
-    reader = _TailReader(stream)
+    # passing over members of a local plain tar: seek past their data instead of reading it
+    seeking = want is not None and not is_remote(url) and url.endswith(".tar") and stream.seekable()
+    reader = _SeekingReader(stream) if seeking else _TailReader(stream)
     seen_any, name = False, None
     try:
-        with tarfile.open(fileobj=reader, mode="r|*") as tar:
+        with tarfile.open(fileobj=reader, mode="r:" if seeking else "r|*") as tar:
             for member in tar:
                 if not member.isfile():
                     continue
                 name = member.name
+                if want is not None and not want(name):
+                    seen_any = True
+                    yield name, None
+                    continue
                 data = tar.extractfile(member).read()
                 if len(data) != member.size:
                     raise tarfile.ReadError("unexpected end of data")
@@ -187,29 +208,47 @@ class _Unreadable(Exception):
     pass
 
 
-def _grouped(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {ext: bytes}) for consecutive members sharing a key; a repeated ext starts a new group."""
-    key, parts = None, {}
+def _grouped(url: str, wanted: Callable[[int], bool] | None = None
+             ) -> Iterator[tuple[int, str, dict[str, bytes]]]:
+    """(index, key, {ext: bytes}) for consecutive members sharing a key (a repeated ext starts a new
+    group), ``index`` counting groups from 0. A group ``wanted(index)`` declines comes with ``{}``: its
+    members' data is skipped unread."""
+    key, exts, parts, index = None, set(), {}, -1
+
+    def split(name: str) -> tuple[str, str] | None:
+        match = _KEY_EXT.match(name)
+        if match is None or Path(name).name.startswith("__"):
+            return None
+        return match.group(1), match.group(2).lower()
+
+    def want(name: str) -> bool:  # the member's group: the current one, or the next if it starts one
+        parsed = split(name)
+        if parsed is None:
+            return False
+        return wanted(index if parsed[0] == key and parsed[1] not in exts else index + 1)
+
     try:
-        for name, data in _tar_members(url):
-            match = _KEY_EXT.match(name)
-            if match is None or Path(name).name.startswith("__"):
+        for name, data in _tar_members(url, want if wanted is not None else None):
+            parsed = split(name)
+            if parsed is None:
                 continue
-            k, ext = match.group(1), match.group(2).lower()
-            if k != key or ext in parts:
+            k, ext = parsed
+            if k != key or ext in exts:
                 if key is not None:
-                    yield key, parts
-                key, parts = k, {}
-            parts[ext] = data
+                    yield index, key, parts
+                key, exts, parts, index = k, set(), {}, index + 1
+            exts.add(ext)
+            if data is not None:
+                parts[ext] = data
     except _Truncated as cut:
         # the sample being read is lost; the one before it is whole if the cut is in another key's
         # member (a cut between members leaves it unknowable whether more of it was to come)
-        match = _KEY_EXT.match(cut.member or "")
-        if key is not None and match is not None and match.group(1) != key:
-            yield key, parts
+        parsed = split(cut.member or "")
+        if key is not None and parsed is not None and parsed[0] != key:
+            yield index, key, parts
         raise
     if key is not None:
-        yield key, parts
+        yield index, key, parts
 
 
 def _captions(parts: dict[str, bytes]) -> list[str]:
@@ -239,28 +278,49 @@ def _captions(parts: dict[str, bytes]) -> list[str]:
     return captions
 
 
-def iter_shard(url: str, skips: SkipCounter) -> Iterator[RawSample]:
-    """The good samples of one shard in stored order; every bad one is counted in ``skips``."""
+def iter_shard(url: str, skips: SkipCounter, start: int | None = 0, keep: Iterable[int] = ()) -> Iterator[RawSample]:
+    """The good samples of one shard in stored order; every bad one is counted in ``skips``.
+
+    Resuming (:mod:`vlpretrain.data.position`): groups before index ``start`` are passed over unread
+    (neither kept nor counted again) except those in ``keep``; ``start=None`` reads only ``keep`` and stops
+    after the last of them. Keys passed over still count for duplicate detection.
+    """
     from vlpretrain.data.images import BadSample
 
+    keep = frozenset(keep)
+    if start is None and not keep:
+        return
+    last = max(keep, default=-1)
+
+    def wanted(index: int) -> bool:
+        return (start is not None and index >= start) or index in keep
+
     seen: set[str] = set()
+    groups = _grouped(url, wanted if (start or keep) else None)
     try:
-        for key, parts in _grouped(url):
+        for index, key, parts in groups:
+            if start is None and index > last:
+                break
             if key in seen:
-                skips.add("duplicate_key", url)
+                if wanted(index):
+                    skips.add("duplicate_key", url)
                 continue
             seen.add(key)
+            if not wanted(index):
+                continue
             ext = next((e for e in IMAGE_EXTS if e in parts), None)
             try:
                 if ext is None:
                     raise BadSample("missing_image")
-                yield RawSample(key, url, parts[ext], _captions(parts))
+                yield RawSample(key, url, parts[ext], _captions(parts), index)
             except BadSample as bad:
                 skips.add(bad.reason, url)
     except _Truncated:
         skips.add("truncated_tar", url)
     except _Unreadable:
         skips.add("unreadable_shard", url)
+    finally:
+        groups.close()
 
 
 def iter_captions(spec: str) -> Iterator[str]:

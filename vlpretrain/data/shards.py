@@ -6,19 +6,28 @@ Design (every random choice derives from ``(seed, epoch, rank, worker)``, nothin
    every rank), then global worker ``g = rank * num_workers + worker`` takes shards ``g, g + R*W, ...``
    so each shard is read by exactly one worker of one rank per epoch. ``resampled`` mode: each worker
    draws ``ceil(shards / (R*W))`` shards with replacement (per-source weights) for its "epoch"; the
-   stream is endless because epochs follow one another, and only full batches are delivered.
+   stream is endless because epochs follow one another, and only full batches are delivered. A worker's
+   plan is a list of tasks (:mod:`vlpretrain.data.position`): a fresh epoch's are whole shards.
 2. **Raw samples** (:mod:`vlpretrain.data.reader`) go through a seeded shuffle buffer holding
-   *encoded* bytes; bad ones are skipped and counted by reason and shard.
+   *encoded* bytes (:class:`ShuffleBuffer`); bad ones are skipped and counted by reason and shard.
 3. Each sample leaving the buffer has a position ``i`` in its worker's stream; its caption draw (``data.captions``)
    and random crop are seeded by ``(seed, epoch, rank, worker, i)``. Images are decoded (early JPEG
    downscaling), transformed, and batched *in the worker*, captions tokenised to the batch's longest.
 4. **Order.** Workers' batches are delivered round-robin (worker 0, 1, ..., 0, 1, ...; a finished
    worker drops out). PyTorch's DataLoader only approximates this when workers finish unevenly, so
    the main process re-orders into exactly this sequence (a few batches of buffering at most).
-5. **Position.** ``state_dict()`` holds the epoch, and per worker the batches delivered and the
-   number of buffer outputs they consumed (the cursor). A restored worker replays its raw stream up
-   to the cursor *without decoding* (reading bytes only, ~free next to decoding), so the next batches
-   are exactly those an unbroken run would have produced. Skip counts so far are part of the state.
+5. **Position.** Every batch carries its worker's state at that point: the task in progress and the
+   sample groups of it read, the shuffle buffer's slots (by shard and group index), its RNG draws and
+   its position ``i``. The main process keeps the state of each worker's last *delivered* batch; from it
+   follows what is left of the worker's epoch (:func:`~vlpretrain.data.position.advance`): shards it
+   finished are gone, shards read to the end keep only the samples still buffered, the shard in
+   progress continues after its last read group. :meth:`ShardStream.state_dict` is one rank's share;
+   :meth:`ShardStream.gather_position` joins every rank's into the world-size-independent position the
+   checkpoint saves (``data_state.json``), and :meth:`ShardStream.load_position` continues it: in the
+   same layout each worker refills its buffer slots from their shards and continues bit-exactly; in
+   another the rest of every started epoch is dealt out to the new readers. Either way a restarted
+   reader opens only the shards it still needs and passes over groups already read without keeping
+   them (see data/README.md "Resuming").
 
 The epoch reaches the workers because every epoch starts fresh worker processes (no persistent
 workers: nothing accumulates across epochs). A DataLoader ``timeout`` turns a stuck worker into an
@@ -29,6 +38,7 @@ multi-rank trainer should count steps, or use ``resampled`` mode, rather than re
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import os
 import random
@@ -42,42 +52,98 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vlpretrain.config import ConfigError, DataConfig
 from vlpretrain.data.images import BadSample, ImageSettings, ImageTransform
+from vlpretrain.data.position import (
+    FORMAT, Task, WorkerPlan, advance, check_position, data_spec, distribute)
 from vlpretrain.data.reader import RawSample, SkipCounter, by_reason, expand_sources, iter_shard, merge_counts
 from vlpretrain.data.tokenizer import encode_captions, load_tokenizer
 
+RECORD_KEYS_ENV = "VLPRETRAIN_RECORD_DATA_KEYS"
+"""Debugging aid: when set (to anything), a training stream also records the keys it delivered, per epoch, in
+its state and in the saved data position (``keys``), so a test can check what a run trained on across resumes."""
+
 
 def plan_shards(sources: list[list[str]], *, resampled: bool, weights: list[float] | None, shuffle: bool,
-                seed: int, epoch: int, rank: int, world_size: int, worker: int, num_workers: int) -> list[str]:
-    """The shards one worker of one rank reads in one epoch, in reading order."""
+                seed: int, epoch: int, rank: int, world_size: int, worker: int, num_workers: int) -> list[int]:
+    """The shards (indices into the sources' URLs, in order) one worker of one rank reads in one epoch."""
     slots = world_size * num_workers
-    everything = [url for urls in sources for url in urls]
+    everything = list(range(sum(len(urls) for urls in sources)))
     if not resampled:
-        if shuffle:
-            random.Random(f"shards/{seed}/{epoch}").shuffle(everything)
-        return everything[rank * num_workers + worker::slots]
+        order = _shuffled(len(everything), seed, epoch) if shuffle else everything
+        return list(order[rank * num_workers + worker::slots])
     rng = random.Random(f"resample/{seed}/{epoch}/{rank}/{worker}")
     draws = math.ceil(len(everything) / slots)
     if weights is None:  # uniform over shards
         return rng.choices(everything, k=draws)
+    offsets = [sum(len(urls) for urls in sources[:s]) for s in range(len(sources))]
     picks = rng.choices(range(len(sources)), weights=weights, k=draws)
-    return [rng.choice(sources[s]) for s in picks]
+    return [offsets[s] + rng.choice(range(len(sources[s]))) for s in picks]
 
 
-def shuffle_buffer(items: Iterator[RawSample], size: int, rng: random.Random) -> Iterator[RawSample]:
-    """Seeded reservoir shuffle: fill ``size`` items, then emit a random one per incoming item."""
-    if size <= 1:
-        yield from items
-        return
-    buf: list[RawSample] = []
-    for item in items:
-        if len(buf) < size:
-            buf.append(item)
-            continue
-        j = rng.randrange(size)
-        yield buf[j]
-        buf[j] = item
-    rng.shuffle(buf)
-    yield from buf
+@functools.lru_cache(maxsize=4)
+def _shuffled(n: int, seed: int, epoch: int) -> tuple[int, ...]:
+    """Shard order of an epoch (the same on every rank); cached: every worker of every rank slices it."""
+    order = list(range(n))
+    random.Random(f"shards/{seed}/{epoch}").shuffle(order)
+    return tuple(order)
+
+
+class ShuffleBuffer:
+    """Seeded reservoir shuffle over ``(id, sample)`` items: fill ``size``, then emit a random slot per
+    incoming item (which takes that slot); at the end, shuffle what is left and emit it. Its state after
+    any output is the slot ids in order, the number of RNG draws and whether it is draining, so a worker
+    restarted with that state (the slots refilled from their shards) continues exactly."""
+
+    def __init__(self, size: int, rng: random.Random, slots: list[tuple[int, int]] = (), draws: int = 0,
+                 draining: bool = False):
+        self.size, self.rng, self.draws, self.draining = size, rng, draws, draining
+        for _ in range(draws):  # the same RNG state as after those draws (they do not depend on the items)
+            rng.randrange(size)
+        self.items: list[tuple[tuple[int, int], RawSample]] = []
+        self._expected = list(slots)
+
+    def ids(self) -> list[tuple[int, int]]:
+        return [ident for ident, _ in self.items]
+
+    def _refill(self, items: Iterator) -> Iterator:
+        """Put the saved slots back in order as their samples arrive (they come first: they were read
+        first); a sample that is not one of them means the shards changed, and what is missing is dropped."""
+        where = {ident: i for i, ident in enumerate(self._expected)}
+        slots: list = [None] * len(self._expected)
+        rest = items
+        for item in items:
+            i = where.pop(item[0], None)
+            if i is None:
+                rest = itertools.chain([item], items)
+                break
+            slots[i] = item
+            if not where:
+                break
+        self.items = [item for item in slots if item is not None]
+        return rest
+
+    def __call__(self, items: Iterator) -> Iterator:
+        items = self._refill(iter(items)) if self._expected else iter(items)
+        if not self.draining:
+            for item in items:
+                if len(self.items) < self.size:
+                    self.items.append(item)
+                    continue
+                j = self.rng.randrange(self.size)
+                self.draws += 1
+                out, self.items[j] = self.items[j], item
+                yield out
+            self.rng.shuffle(self.items)
+            self.items.reverse()  # drained from the end: the shuffled order, first item first
+            self.draining = True
+        while self.items:
+            yield self.items.pop()
+
+
+class _Progress:
+    """How far a worker's reader got: the task in progress and the groups of it read."""
+
+    def __init__(self):
+        self.task, self.group = 0, 0
 
 
 class ShardDataset(IterableDataset):
@@ -98,8 +164,9 @@ class ShardDataset(IterableDataset):
         self.context_length, self.batch_size = context_length, batch_size
         self.resampled, self.weights, self.shuffle, self.buffer_size = resampled, weights, shuffle, buffer_size
         self.seed, self.rank, self.world_size, self.num_workers = seed, rank, world_size, num_workers
+        self.urls = [url for urls in sources for url in urls]
         self.epoch = 0
-        self.resume_cursor: dict[int, int] = {}  # worker -> buffer outputs already consumed
+        self.plans: dict[int, WorkerPlan] = {}  # worker -> its work for the rest of the epoch (ShardStream sets it)
         self.finished: set[int] = set()  # workers whose epoch was already fully delivered
 
     def _worker_id(self) -> int:
@@ -111,22 +178,19 @@ class ShardDataset(IterableDataset):
                                f"{info.num_workers}; build it through ShardStream.")
         return info.id
 
-    def _positions(self, worker: int, skips: SkipCounter) -> Iterator[tuple[int, RawSample]]:
-        """(position, raw sample) leaving this worker's shuffle buffer, from the resume cursor on."""
-        shards = plan_shards(self.sources, resampled=self.resampled, weights=self.weights, shuffle=self.shuffle,
-                             seed=self.seed, epoch=self.epoch, rank=self.rank, world_size=self.world_size,
-                             worker=worker, num_workers=self.num_workers)
-        raw = (s for url in shards for s in iter_shard(url, skips))
-        if self.shuffle:
-            raw = shuffle_buffer(raw, self.buffer_size, random.Random(
-                f"buffer/{self.seed}/{self.epoch}/{self.rank}/{worker}"))
-        start = self.resume_cursor.get(worker, 0)
-        for position, sample in enumerate(raw):
-            if position < start:  # replay: bytes only, no decoding
-                if position == start - 1:
-                    skips.take()  # these were counted before the checkpoint
-                continue
-            yield position, sample
+    def _raw(self, plan: WorkerPlan, skips: SkipCounter, progress: _Progress) -> Iterator[tuple]:
+        """``((task, index), sample)`` for every good sample of the plan's tasks, in reading order."""
+        for t, task in enumerate(plan.tasks):
+            for sample in iter_shard(self.urls[task.shard], skips, start=task.start, keep=task.keep):
+                progress.task, progress.group = t, sample.index + 1
+                yield (t, sample.index), sample
+        progress.task, progress.group = len(plan.tasks), 0
+
+    def _buffer(self, plan: WorkerPlan, worker: int) -> ShuffleBuffer | None:
+        if not self.shuffle or self.buffer_size <= 1:
+            return None
+        rng = random.Random(f"buffer/{self.seed}/{self.epoch}/{self.rank}/{worker}")
+        return ShuffleBuffer(self.buffer_size, rng, plan.slots, plan.draws, plan.draining)
 
     def _load(self, sample: RawSample, position: int, worker: int) -> tuple[torch.Tensor, str]:
         """Decode + transform the image and pick the caption; raises :class:`BadSample`."""
@@ -150,10 +214,14 @@ class ShardDataset(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         worker = self._worker_id()
         skips = SkipCounter()
-        cursor = self.resume_cursor.get(worker, 0)
+        plan = self.plans.get(worker, WorkerPlan())
+        cursor = plan.cursor
         if worker not in self.finished:
+            progress = _Progress()
+            buffer = self._buffer(plan, worker)
+            raw = self._raw(plan, skips, progress)
             items: list = []
-            for position, sample in self._positions(worker, skips):
+            for position, (_, sample) in enumerate(buffer(raw) if buffer else raw, start=plan.cursor):
                 cursor = position + 1
                 try:
                     pixels, caption = self._load(sample, position, worker)
@@ -162,11 +230,23 @@ class ShardDataset(IterableDataset):
                     continue
                 items.append((pixels, caption, sample.key))
                 if len(items) == self.batch_size:
-                    yield self._batch(items, worker, cursor, skips)
+                    yield {**self._batch(items, worker, cursor, skips), "_pos": _snapshot(progress, buffer)}
                     items = []
             if items and not self.resampled:  # resampled: full batches only (samples are redrawn anyway)
-                yield self._batch(items, worker, cursor, skips)
+                yield {**self._batch(items, worker, cursor, skips), "_pos": _snapshot(progress, buffer)}
         yield {"_worker": worker, "_end": True, "_cursor": cursor, "_skipped": skips.take()}
+
+
+def _snapshot(progress: _Progress, buffer: ShuffleBuffer | None) -> dict[str, Any]:
+    """The worker's state after a batch (sent with it; :func:`~vlpretrain.data.position.advance` reads it).
+    Slots travel as int64 bytes: compact, and the DataLoader passes bytes through untouched."""
+    ids = buffer.ids() if buffer else []
+    return {"task": progress.task, "group": progress.group, "slots": np.asarray(ids, np.int64).tobytes(),
+            "draws": buffer.draws if buffer else 0, "draining": buffer.draining if buffer else False}
+
+
+def _slots(snapshot: dict[str, Any]) -> dict[str, Any]:
+    return {**snapshot, "slots": np.frombuffer(snapshot["slots"], np.int64).reshape(-1, 2).tolist()}
 
 
 def set_worker_priority(priority: str, worker_id: int = 0) -> None:
@@ -178,7 +258,8 @@ def set_worker_priority(priority: str, worker_id: int = 0) -> None:
 
 
 class ShardStream:
-    """Batches for one rank, one epoch per ``iter()``; ``state_dict``/``load_state_dict`` resume exactly.
+    """Batches for one rank, one epoch per ``iter()``; resumable (``state_dict``, ``gather_position``,
+    ``load_position``: module doc, point 5).
 
     Each batch is a dict: ``pixel_values`` (B, 3, S, S) float32 (uint8 with ``normalize=False``: then the
     consumer calls :meth:`normalize`, e.g. on its GPU after the copy), ``input_ids``/``attention_mask``
@@ -224,11 +305,16 @@ class ShardStream:
             num_workers=max(self.num_workers, 1), random_caption=cfg.captions == "random", normalize=normalize,
             pad_multiple=cfg.pad_multiple)
         self.timeout, self.worker_priority, self.pin_memory = cfg.timeout, cfg.worker_priority, pin_memory
+        self.rank, self.world_size = rank, world_size
+        self.spec = data_spec(self.sources, seed=seed, mode=cfg.mode, weights=cfg.train_weights)
+        self._layout = {"world_size": world_size, "num_workers": self.dataset.num_workers, "batch_size": batch_size,
+                        "shuffle_buffer": cfg.shuffle_buffer}
         self.skipped_by_shard: dict[str, dict[str, int]] = {}
-        self._delivered = {w: 0 for w in range(self.dataset.num_workers)}
-        self._identity = {"seed": seed, "rank": rank, "world_size": world_size, "num_workers": self.num_workers,
-                          "batch_size": batch_size, "mode": "resampled" if self.resampled else "epoch",
-                          "split": split, "shards": self.num_shards}
+        self.carry: dict[int, list[Task]] = {}  # epochs planned from a saved remainder instead of from scratch
+        self._snaps: dict[int, tuple[dict, int]] = {}  # worker -> (its snapshot, cursor) at its last delivered batch
+        self._delivered: dict[int, int] = {}
+        self._keys: dict[str, list[str]] | None = {} if self.train and os.environ.get(RECORD_KEYS_ENV) else None
+        self.set_epoch(0)
 
     def _check_enough_shards(self, key: str, world_size: int) -> None:
         needed = world_size * max(self.num_workers, 1)
@@ -251,9 +337,33 @@ class ShardStream:
 
     def set_epoch(self, epoch: int) -> None:
         """Start ``epoch`` from its beginning at the next ``iter()``."""
-        self.dataset.epoch = epoch
-        self.dataset.resume_cursor, self.dataset.finished = {}, set()
-        self._delivered = {w: 0 for w in self._delivered}
+        ds = self.dataset
+        ds.epoch, ds.finished, ds.plans = epoch, set(), self._plan(epoch, self.rank)
+        self._snaps, self._delivered = {}, {w: 0 for w in range(ds.num_workers)}
+
+    def _plan(self, epoch: int, rank: int) -> dict[int, WorkerPlan]:
+        """Each worker's plan for a whole ``epoch`` on ``rank``: dealt from a carried remainder, or planned."""
+        ds, workers = self.dataset, self.dataset.num_workers
+        if epoch in self.carry:
+            dealt = distribute(self.carry[epoch], self.world_size, workers)
+            return {w: WorkerPlan(dealt[rank * workers + w]) for w in range(workers)}
+        return {w: WorkerPlan([Task(i, 0) for i in plan_shards(
+            self.sources, resampled=ds.resampled, weights=ds.weights, shuffle=ds.shuffle, seed=ds.seed, epoch=epoch,
+            rank=rank, world_size=self.world_size, worker=w, num_workers=workers)]) for w in range(workers)}
+
+    def _current_plans(self) -> dict[int, WorkerPlan]:
+        """Each worker's plan from its last delivered batch on (finished workers: nothing left)."""
+        ds = self.dataset
+        plans = {}
+        for w, plan in ds.plans.items():
+            if w in ds.finished:
+                plans[w] = WorkerPlan(cursor=plan.cursor)
+            elif w in self._snaps:
+                snapshot, cursor = self._snaps[w]
+                plans[w] = advance(plan, _slots(snapshot), cursor)
+            else:
+                plans[w] = plan
+        return plans
 
     def skipped_by_reason(self) -> dict[str, int]:
         """Total skipped samples so far, by reason."""
@@ -273,6 +383,8 @@ class ShardStream:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         """The rest of the current epoch in round-robin worker order; then the epoch advances."""
         ds = self.dataset
+        ds.plans, self._snaps = self._current_plans(), {}  # workers (re)start from the last delivered batch
+        has_work = any(plan.tasks or plan.slots for w, plan in ds.plans.items() if w not in ds.finished)
         pending: dict[int, deque] = {w: deque() for w in self._delivered}
         done = set(ds.finished)
         unreported: dict[str, dict[str, int]] = {}
@@ -286,40 +398,102 @@ class ShardStream:
                 head = pending[nxt].popleft()
                 merge_counts(self.skipped_by_shard, head["_skipped"])
                 merge_counts(unreported, head["_skipped"])
-                ds.resume_cursor[nxt] = head["_cursor"]
                 if head.get("_end"):
                     done.add(nxt)
                     ds.finished.add(nxt)
+                    ds.plans[nxt] = WorkerPlan(cursor=head["_cursor"])
                     continue
+                self._snaps[nxt] = (head["_pos"], head["_cursor"])
                 self._delivered[nxt] += 1
                 emitted += 1
                 batch = {k: v for k, v in head.items() if not k.startswith("_")}
                 batch["skipped"] = by_reason(unreported)
                 unreported = {}
+                if self._keys is not None:
+                    self._keys.setdefault(str(ds.epoch), []).extend(batch["keys"])
                 yield batch
-        if emitted == 0 and sum(self._delivered.values()) == 0:
+        if emitted == 0 and not any(self._delivered.values()) and has_work:
             raise RuntimeError(f"epoch {ds.epoch} of {self.num_shards} shard(s) produced no batch; every sample "
                                f"was skipped: {self.skipped_by_reason()}. Check the shards (see data/README.md).")
         self.set_epoch(ds.epoch + 1)
 
-    # -- position -----------------------------------------------------------------------------------
+    # -- position (see vlpretrain.data.position and data/README.md) ----------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Where the stream stands after the last delivered batch (plain Python types)."""
-        ds = self.dataset
-        return {**self._identity, "epoch": ds.epoch, "delivered": dict(self._delivered),
-                "cursor": dict(ds.resume_cursor), "finished": sorted(ds.finished),
-                "skipped_by_shard": {s: dict(r) for s, r in self.skipped_by_shard.items()}}
+        """This rank's share of the position after its last delivered batch (plain Python types). The
+        checkpoint gathers every rank's and :meth:`gather_position` makes the one saved position of them."""
+        plans = self._current_plans()
+        state = {"format": FORMAT, "rank": self.rank, **self._layout, "epoch": self.dataset.epoch,
+                 "workers": [{**plans[w].to_json(), "delivered": self._delivered[w],
+                              "finished": w in self.dataset.finished} for w in sorted(plans)],
+                 "carry": {str(e): [t.to_json() for t in tasks] for e, tasks in self.carry.items()},
+                 "skipped_by_shard": {s: dict(r) for s, r in self.skipped_by_shard.items()}}
+        if self._keys is not None:
+            state["keys"] = {e: list(k) for e, k in self._keys.items()}
+        return state
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue exactly where ``state`` was taken; refuse a state from a different stream setup."""
-        changed = {k: (state.get(k), v) for k, v in self._identity.items() if state.get(k) != v}
-        if changed:
-            detail = ", ".join(f"{k}: saved {a} != now {b}" for k, (a, b) in changed.items())
-            raise ValueError(f"data stream state does not match this stream ({detail}); resume with the same "
-                             "data/worker/batch settings, or start the data stream afresh (set_epoch).")
-        ds = self.dataset
-        ds.epoch = int(state["epoch"])
-        ds.resume_cursor = {int(w): int(c) for w, c in state["cursor"].items()}
-        ds.finished = {int(w) for w in state["finished"]}
-        self._delivered = {int(w): int(n) for w, n in state["delivered"].items()}
-        self.skipped_by_shard = {s: dict(r) for s, r in state["skipped_by_shard"].items()}
+    def gather_position(self, states: list[dict[str, Any]]) -> dict[str, Any]:
+        """The world-size-independent data position of every rank's :meth:`state_dict` (in rank order,
+        all taken in this stream's layout): per started epoch, the remaining tasks (epoch mode), the skip
+        counts, and the ranks' own states for a resume in the same layout."""
+        lo, hi = min(s["epoch"] for s in states), max(s["epoch"] for s in states)
+        remaining: dict[int, list[Task]] = {}
+        if not self.resampled:
+            for e in range(lo, hi + 1):
+                remaining[e] = []
+                for r, s in enumerate(states):
+                    if s["epoch"] == e:  # its workers' plans are what is left of their part of the epoch
+                        remaining[e] += [Task.from_json(t) for w in s["workers"] for t in w["tasks"]]
+                    elif s["epoch"] < e:  # not started on this epoch yet: all of its part is left
+                        remaining[e] += [t for plan in self._plan(e, r).values() for t in plan.tasks]
+            remaining.update({e: tasks for e, tasks in self.carry.items() if e > hi})
+        skipped: dict[str, dict[str, int]] = {}
+        keys: dict[str, list[str]] = {}
+        for s in states:
+            merge_counts(skipped, s["skipped_by_shard"])
+            for e, k in s.get("keys", {}).items():
+                keys.setdefault(e, []).extend(k)
+        layout = {k: v for k, v in self._layout.items()}
+        position = {"format": FORMAT, "spec": self.spec, "epoch": lo,
+                    "remaining": {str(e): [t.to_json() for t in tasks] for e, tasks in sorted(remaining.items())},
+                    "skipped_by_shard": skipped,
+                    "exact": {**layout, "carry": {str(e): [t.to_json() for t in tasks]
+                                                  for e, tasks in self.carry.items() if e > lo},
+                              "ranks": [{k: s[k] for k in ("epoch", "workers", "skipped_by_shard", "keys") if k in s}
+                                        for s in states]}}
+        if self._keys is not None:
+            position["keys"] = keys
+        return position
+
+    def check_position(self, position: dict[str, Any], source: str = "the data position") -> None:
+        """A ConfigError naming the reason and the fix when ``position`` cannot continue in this stream."""
+        check_position(position, self.spec, source)
+
+    def load_position(self, position: dict[str, Any], source: str = "the data position") -> str:
+        """Continue from ``position`` (:meth:`gather_position`'s). In the layout it was saved in (processes,
+        workers, batch size, shuffle buffer), each worker continues exactly ("exact"); in another, the rest of
+        each started epoch is dealt out to this layout's readers ("redistributed"; resampled mode: new draws
+        from the next epoch on, see data/README.md). Returns which of the two it did."""
+        self.check_position(position, source)
+        ds, exact = self.dataset, position["exact"]
+        if all(exact[k] == v for k, v in self._layout.items()):
+            mine = exact["ranks"][self.rank]
+            self.carry = {int(e): [Task.from_json(t) for t in tasks] for e, tasks in exact["carry"].items()}
+            ds.epoch, self._snaps = int(mine["epoch"]), {}
+            ds.plans = {w: WorkerPlan.from_json(x) for w, x in enumerate(mine["workers"])}
+            ds.finished = {w for w, x in enumerate(mine["workers"]) if x["finished"]}
+            self._delivered = {w: int(x["delivered"]) for w, x in enumerate(mine["workers"])}
+            self.skipped_by_shard = {s: dict(r) for s, r in mine["skipped_by_shard"].items()}
+            if self._keys is not None:
+                self._keys = {e: list(k) for e, k in mine.get("keys", {}).items()}
+            return "exact"
+        first = self.rank == 0  # the running totals go to one rank, so that summing over ranks stays right
+        self.skipped_by_shard = {s: dict(r) for s, r in position["skipped_by_shard"].items()} if first else {}
+        if self._keys is not None:
+            self._keys = {e: list(k) for e, k in position.get("keys", {}).items()} if first else {}
+        if self.resampled:  # draws with replacement: nothing is owed, so the new layout draws afresh
+            self.carry = {}
+            self.set_epoch(max(r["epoch"] for r in exact["ranks"]) + 1)
+        else:
+            self.carry = {int(e): [Task.from_json(t) for t in tasks] for e, tasks in position["remaining"].items()}
+            self.set_epoch(int(position["epoch"]))
+        return "redistributed"

@@ -1,7 +1,8 @@
 """Checkpoints that survive anything: written to a hidden temporary folder and renamed when complete.
 
 ``run.dir/checkpoints/step_<N>/`` holds what Accelerate saves (model as safetensors, optimiser,
-scheduler, every process's RNG states), each rank's data-stream position (JSON), the trainer state
+scheduler, every process's RNG states), the data position (``data_state.json``: one file written by the
+main process from every rank's state, world-size independent; see data/README.md), the trainer state
 (JSON: step, samples seen, counters) and the resolved config. A folder is complete exactly when it
 carries the final name: a save killed half-way leaves only ``.step_<N>.tmp``, which resume ignores.
 Nothing here unpickles: Accelerate loads with ``weights_only=True``; our own files are JSON/YAML.
@@ -15,6 +16,7 @@ check the files against it and read the tokenizer from there, never from ``data.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -31,6 +33,7 @@ CONFIG_FILE = "config.yaml"
 MANIFEST = "manifest.json"
 RUN_PROCESSOR = "processor"  # run.dir/processor: the tokenizer and processor config the run trains with
 SEAL_COMMAND = "python -m vlpretrain.train.integrity"  # seals a checkpoint saved before manifests existed
+DATA_POSITION = "data_state.json"
 # model keys that may change between a checkpoint and its resume (they change no parameter shape)
 _NOT_ARCHITECTURE = {"attn_backend", "patch_dropout", "preset"}
 
@@ -89,9 +92,10 @@ def check_compatible(path: Path, model_cfg: Any) -> None:
                           f"config it was trained with, or start a new run.dir.")
 
 
-def save_checkpoint(accelerator, run_dir: str | Path, step: int, trainer_state: dict, data_state: dict | None,
+def save_checkpoint(accelerator, run_dir: str | Path, step: int, trainer_state: dict, stream,
                     config_yaml: str, keep_last: int) -> Path:
-    """Write checkpoint ``step`` atomically (all ranks call this) and keep the newest ``keep_last``."""
+    """Write checkpoint ``step`` atomically (all ranks call this) and keep the newest ``keep_last``.
+    ``stream``: the training ShardStream (or None), whose position is saved."""
     root = checkpoints_dir(run_dir)
     final, tmp = root / f"{PREFIX}{step}", root / f".{PREFIX}{step}.tmp"
     if accelerator.is_main_process:
@@ -99,8 +103,8 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, trainer_state: 
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
-    if data_state is not None:
-        (tmp / f"data_state_rank{accelerator.process_index}.json").write_text(json.dumps(data_state))
+    if stream is not None:
+        _save_data_position(accelerator, tmp, stream)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / CONFIG_FILE).write_text(config_yaml)
@@ -120,13 +124,62 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, trainer_state: 
     return final
 
 
+def _save_data_position(accelerator, folder: Path, stream) -> None:
+    """Every rank's stream state, gathered on the main process and written there as one data position."""
+    state = stream.state_dict()
+    if accelerator.num_processes > 1:
+        import torch.distributed as dist
+
+        states = [None] * accelerator.num_processes if accelerator.is_main_process else None
+        dist.gather_object(state, states, dst=0)
+    else:
+        states = [state]
+    if accelerator.is_main_process:
+        (folder / DATA_POSITION).write_text(json.dumps(stream.gather_position(states)))
+
+
+def read_data_position(path: Path) -> dict | None:
+    """The checkpoint's data position (None: it has none, the data starts afresh). A checkpoint holding
+    only the per-rank files of older versions is refused with the fix."""
+    if (path / DATA_POSITION).is_file():
+        return json.loads((path / DATA_POSITION).read_text())
+    if any(path.glob("data_state_rank*.json")):
+        raise ConfigError(f"cannot resume the data stream from {path}: it holds per-rank data states "
+                          f"(data_state_rank*.json) of an older vlpretrain, not {DATA_POSITION}. Resume it with that "
+                          "version, or start a new run.dir with train.init_from=<that checkpoint> (keeps the weights, "
+                          "restarts the data).")
+    return None
+
+
+def check_data_position(path: Path, stream) -> None:
+    """Before anything is written: refuse a resume whose data spec changed (reason and fix in the error)."""
+    position = read_data_position(path)
+    if position is not None:
+        stream.check_position(position, str(path / DATA_POSITION))
+
+
+def _seed_ranks_without_rng_state(accelerator, path: Path, step: int) -> None:
+    """A rank the checkpoint has no RNG state for (it was saved by fewer processes) is seeded from
+    (run.seed, rank, step) instead of keeping whatever it held (Accelerate skips such a rank quietly)."""
+    from accelerate.utils import set_seed
+    from accelerate.utils.constants import RNG_STATE_NAME
+
+    rank = accelerator.process_index
+    if (path / f"{RNG_STATE_NAME}_{rank}.pkl").is_file():
+        return
+    seed = int(OmegaConf.load(path / CONFIG_FILE).get("run", {}).get("seed", 0))
+    digest = hashlib.sha256(f"rng/{seed}/{rank}/{step}".encode()).digest()
+    set_seed(int.from_bytes(digest[:4], "little"))  # numpy takes seeds below 2**32
+    print(f"[rank {rank}] {path} holds no RNG state for rank {rank} (saved by fewer processes): "
+          f"seeded from (run.seed, rank, step)", flush=True)
+
+
 def load_checkpoint(accelerator, path: Path) -> tuple[dict, dict | None]:
-    """Restore model/optimiser/scheduler/RNG into the prepared objects: (trainer state, this rank's data state)."""
+    """Restore model/optimiser/scheduler/RNG into the prepared objects: (trainer state, the data position)."""
     accelerator.load_state(str(path))
     trainer_state = json.loads((path / TRAINER_STATE).read_text())
-    data_file = path / f"data_state_rank{accelerator.process_index}.json"
-    data_state = json.loads(data_file.read_text()) if data_file.is_file() else None
-    return trainer_state, data_state
+    _seed_ranks_without_rng_state(accelerator, path, int(trainer_state["step"]))
+    return trainer_state, read_data_position(path)
 
 
 def write_manifest(folder: Path, processor_dir: Path) -> None:

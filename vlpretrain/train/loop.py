@@ -30,7 +30,8 @@ from vlpretrain.models.modeling import VLConfig, VLModel
 from vlpretrain.models.weights import load_strict
 from vlpretrain.objectives import build_objective_set
 from vlpretrain.train.accumulate import accumulate_backward, backward
-from vlpretrain.train.checkpoint import complete_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+from vlpretrain.train.checkpoint import (
+    check_data_position, complete_checkpoints, load_checkpoint, resolve_resume, save_checkpoint)
 from vlpretrain.train.integrity import check_resume, check_run_processor, run_tokenizer, save_run_processor
 from vlpretrain.train.flops import FlopCounter, device_peak_flops
 from vlpretrain.train.host_reads import LaggedReadback, step_unless
@@ -247,6 +248,8 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
                          context_length=cfg.model.max_text_len, tokenizer=tokenizer, rank=rank,
                          world_size=world, seed=cfg.run.seed, pin_memory=accelerator.device.type == "cuda",
                          normalize=False)  # uint8 to the device, normalised there (_to_device)
+    if resume is not None:
+        check_data_position(resume, stream)
 
     model.set_grad_checkpointing(t.grad_checkpointing)
     objectives = build_objective_set(model, cfg.objectives)
@@ -275,15 +278,15 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
     accelerator.init_trackers(run_dir.name, config=_flat(cfg), init_kwargs=_tracker_kwargs(t.trackers, run_dir))
     state = _State()
     if resume is not None:  # last before the loop: it restores the RNG states the next step draws from
-        saved, data_state = load_checkpoint(accelerator, resume)
+        saved, data_position = load_checkpoint(accelerator, resume)
         state = _State(**saved)
-        if data_state is not None:
-            stream.load_state_dict(data_state)
+        if data_position is not None:
+            how = stream.load_position(data_position)
+            accelerator.print(f"data position of {resume.name}: {how} ({world} process(es))")
     log = MetricsLog(run_dir, accelerator, resume_step=state.step if resume is not None else None)
 
     def checkpoint() -> Path:
-        return save_checkpoint(accelerator, run_dir, state.step, vars(state), stream.state_dict(), config_yaml,
-                               t.keep_last)
+        return save_checkpoint(accelerator, run_dir, state.step, vars(state), stream, config_yaml, t.keep_last)
 
     start, samples_at_start, step_at_start = time.perf_counter(), state.samples_seen, state.step
     progress = _progress(accelerator, state.step, t.steps)
