@@ -26,7 +26,7 @@ def read_samples(spec: str, processor, max_samples: int = 0) -> list[EvalSample]
     else its caption, else ``.txt``). Samples whose image does not decode are skipped."""
     out = []
     for url in [u for source in expand_sources(spec) for u in source]:
-        for key, parts in _grouped(url):
+        for _, key, parts in _grouped(url):
             image_ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in parts), None)
             if image_ext is None:
                 continue
