@@ -184,6 +184,10 @@ def test_generate_takes_processor_outputs_greedy_beams_and_sampling(loaded):
     prompt = processor(text=["a small"])["input_ids"][0, :-1]  # BOS a small (its EOS dropped)
     assert torch.equal(prompted[1, :alone.shape[1]], alone[0]) and torch.equal(alone[0, :len(prompt)], prompt)
     assert torch.equal(prompted[0, :greedy.shape[1]][:6], greedy[0, :6])
+    pad = model.config.pad_token_id  # a left-padded prompt (a tokenizer padding on the left) reads the same
+    left = torch.cat([torch.full((1, 2), pad), prompt[None]], dim=1)
+    left_mask = torch.cat([torch.zeros(1, 2, dtype=torch.long), torch.ones(1, len(prompt), dtype=torch.long)], dim=1)
+    assert torch.equal(model.generate(pixels[1:], input_ids=left, attention_mask=left_mask, max_new_tokens=5), alone)
     with pytest.raises(ValueError, match="does not use"):
         model.generate(**inputs, colour="red")
     with pytest.raises(ValueError, match="does not implement"):

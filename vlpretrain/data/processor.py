@@ -88,10 +88,10 @@ class VLProcessor(ProcessorMixin):
         if images is not None:
             out.update(self.image_processor(images, return_tensors=None, **images_kwargs))
         if text is not None:
-            out.update(self.encode_text([text] if isinstance(text, str) else list(text), **text_kwargs))
+            out.update(self.tokenize([text] if isinstance(text, str) else list(text), **text_kwargs))
         return BatchFeature(out, tensor_type=return_tensors)
 
-    def encode_text(self, texts: list[str], padding="longest", truncation=True, max_length: int | None = None,
+    def tokenize(self, texts: list[str], padding="longest", truncation=True, max_length: int | None = None,
                     pad_to_multiple_of: int | None = None, add_special_tokens: bool = True,
                     return_attention_mask: bool = True, return_tensors=None, padding_side=None, **tokenizer_kwargs
                     ) -> dict:
@@ -100,8 +100,9 @@ class VLProcessor(ProcessorMixin):
         tokenizer arguments go to the tokenizer call that splits the texts."""
         del return_tensors, padding_side  # tensors are made by __call__; padding is on the right (see module doc)
         max_length = self.context_length if max_length is None else max_length
+        padding, truncation = (getattr(v, "value", v) for v in (padding, truncation))  # transformers' enums
+        mode = {True: "longest", False: "do_not_pad", None: "do_not_pad"}.get(padding, padding)
         truncate = truncation not in (False, None, "do_not_truncate")
-        mode = {True: "longest", False: "do_not_pad", None: "do_not_pad"}.get(padding, str(padding))
         if mode not in ("longest", "max_length", "do_not_pad") or (truncate and max_length < 2):
             raise ValueError(f"padding={padding!r} / max_length={max_length}: use padding 'longest', 'max_length' "
                              "or False, and max_length >= 2 (BOS and EOS).")

@@ -65,13 +65,13 @@ def resolve_config(default: GenerationConfig | None, given: GenerationConfig | N
 
 
 def prompts_of(input_ids, attention_mask, bos: int, eos: int, batch: int, device) -> list[torch.Tensor]:
-    """Each row's prompt: its real tokens (``attention_mask``) without a final EOS; BOS alone if none given."""
+    """Each row's prompt: its real tokens (``attention_mask``, padded on either side) without a final EOS;
+    BOS alone if none given."""
     if input_ids is None:
         return [torch.tensor([bos], device=device) for _ in range(batch)]
     if input_ids.shape[0] != batch:
         raise ValueError(f"input_ids has {input_ids.shape[0]} rows for {batch} images.")
-    lengths = attention_mask.long().sum(1).tolist() if attention_mask is not None else [input_ids.shape[1]] * batch
-    rows = [ids[:n] for ids, n in zip(input_ids, lengths)]
+    rows = list(input_ids) if attention_mask is None else [ids[m.bool()] for ids, m in zip(input_ids, attention_mask)]
     rows = [r[:-1] if len(r) > 1 and int(r[-1]) == eos else r for r in rows]
     if any(len(r) == 0 for r in rows):
         raise ValueError("a prompt is empty; give at least BOS (the processor adds it).")
@@ -125,7 +125,8 @@ def _reorder(cache: KVCache, rows: torch.Tensor) -> None:
 
 
 def decode_beams(model, pixel_values, prompt, steps: int, beams: int, length_penalty: float, pad: int, eos_ids):
-    """(B, P) prompt -> (ids (B, P + n) padded after EOS, scores (B,) summed log-probs of the picked beams)."""
+    """(B, P) prompt -> (ids (B, P + n) padded after EOS, scores (B,) of the picked beams: summed log-probs
+    divided by generated length ** ``length_penalty``, transformers' ``sequences_scores``)."""
     if beams < 1:
         raise ValueError(f"num_beams={beams}: use 1 (greedy) or more.")
     B, device = prompt.shape[0], prompt.device
@@ -157,7 +158,7 @@ def decode_beams(model, pixel_values, prompt, steps: int, beams: int, length_pen
     ranked = scores / lengths.view(B, beams).clamp(min=1) ** length_penalty if length_penalty else scores
     best = ranked.argmax(1)  # (B,)
     pick = best + torch.arange(B, device=device) * beams
-    return seq.index_select(0, pick), scores.gather(1, best[:, None])[:, 0]
+    return seq.index_select(0, pick), ranked.gather(1, best[:, None])[:, 0]
 
 
 def _eos_ids(gen: GenerationConfig) -> list[int]:
