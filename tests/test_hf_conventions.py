@@ -61,7 +61,7 @@ out = {"processor": type(processor).__module__ + "." + type(processor).__name__,
 torch.manual_seed(0)
 out.update(sampled=captioner(images=image, text="", max_new_tokens=6,
                                    generate_kwargs={"do_sample": True, "temperature": 3.0}),
-           features=extractor(image))
+           features=extractor(image), pooled=extractor(image, pool=True))
 print("RESULT " + json.dumps(out))
 '''
 
@@ -224,8 +224,12 @@ def test_export_loads_in_auto_processor_and_pipelines_without_vlpretrain(no_vlpr
                                                         temperature=3.0))[0]
         prompted = processor.batch_decode(model.generate(**processor(images=[image], text=["a small"]),
                                                          max_new_tokens=6))[0]
-        features = model(**processor(images=[image])).image_hidden_states  # (1, 1 + N, D)
+        out = model(**processor(images=[image]))
+        features, pooled = out.image_hidden_states, out.pooler_output  # (1, 1 + N, D), (1, D)
     print(f"pipeline captions: {theirs['sampled']!r} {theirs['prompted']!r}")
     assert theirs["sampled"][0]["generated_text"] == sampled and sampled.strip()  # an empty prompt, a caption
     assert theirs["prompted"][0]["generated_text"] == prompted and prompted.startswith("a small")
     assert torch.allclose(torch.tensor(theirs["features"]), features, atol=1e-5)
+    assert torch.allclose(torch.tensor(theirs["pooled"]), pooled, atol=1e-5) and pooled.shape[0] == 1
+    assert torch.allclose(model.image_proj(pooled), model.encode_image(processor(images=[image])["pixel_values"],
+                                                                       normalize=False), atol=1e-5)

@@ -51,12 +51,14 @@ class VLConfig(PretrainedConfig):
 
 @dataclass
 class VLModelOutput(ModelOutput):
-    """``loss`` (captioning, when labels are given), text ``logits`` and final hidden states."""
+    """``loss`` (captioning, when labels are given), text ``logits``, final hidden states and the pooled image
+    token (``pooler_output``, read by the image-feature-extraction pipeline's ``pool=True``)."""
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None  # (B, T, V)
     image_hidden_states: torch.Tensor | None = None  # (B, Ni, D)
     text_hidden_states: torch.Tensor | None = None  # (B, T, D)
+    pooler_output: torch.Tensor | None = None  # (B, D) the final-normed cls token (image given)
 
 
 class VLModel(PreTrainedModel):
@@ -195,8 +197,9 @@ class VLModel(PreTrainedModel):
             if tuple(labels.shape) != tuple(input_ids.shape):
                 raise ValueError(f"labels has shape {tuple(labels.shape)}; expected {tuple(input_ids.shape)}.")
             loss = next_token_loss(logits, labels, attention_mask)
+        pooled = out.image[:, 0] if out.image is not None else None  # (B, D) what image embeddings read
         return VLModelOutput(loss=loss, logits=logits, image_hidden_states=out.image,
-                             text_hidden_states=out.text)
+                             text_hidden_states=out.text, pooler_output=pooled)
 
     # -- generation ---------------------------------------------------------------------------
     @classmethod
