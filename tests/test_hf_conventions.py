@@ -134,6 +134,11 @@ def test_processor_takes_transformers_arguments_and_array_tensor_pil_images_with
     again = VLProcessor.from_pretrained(tmp_path / "proc")(text=TEXTS, images=images, padding="max_length",
                                                            max_length=16)
     assert all(torch.equal(again[k], batch[k]) for k in batch)
+    (tmp_path / "proc" / "processor_config.json").unlink()  # a folder written before: vlprocessor_config.json
+    (tmp_path / "proc" / "vlprocessor_config.json").write_text(json.dumps(
+        {"context_length": processor.context_length, "image": processor.image_settings.to_dict()}))
+    legacy = VLProcessor.from_pretrained(tmp_path / "proc")
+    assert legacy.image_settings == processor.image_settings and legacy.context_length == processor.context_length
 
 
 def test_hub_errors_surface_as_themselves(monkeypatch):

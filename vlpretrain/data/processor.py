@@ -140,7 +140,8 @@ class VLProcessor(ProcessorMixin):
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> VLProcessor:
         """Load from a local folder or a hub repo id (``revision``, ``token``, ``cache_dir``, ... as for
         transformers); a hub error (no access, no such repo, offline) raises as transformers raises it.
-        ``trust_remote_code`` and the auto classes' private arguments are accepted and unused."""
+        ``trust_remote_code`` only lets the tokenizer loader read the folder's remote config; the auto classes'
+        private arguments are accepted and unused."""
         hub = {k: kwargs[k] for k in _HUB_KEYS if kwargs.get(k) is not None}
         path = Path(str(pretrained_model_name_or_path))
         if path.is_dir() and not (path / CONFIG_NAME).is_file():
@@ -151,6 +152,8 @@ class VLProcessor(ProcessorMixin):
             raise FileNotFoundError(f"'{path}' has no {CONFIG_NAME} (nor the older {LEGACY_CONFIG_NAME}); save a "
                                     "processor there with VLProcessor.save_pretrained (the trainer's export does).")
         config = json.loads(Path(cached_file(str(pretrained_model_name_or_path), CONFIG_NAME, **hub)).read_text())
-        tokenizer = AutoTokenizer.from_pretrained(str(pretrained_model_name_or_path), trust_remote_code=False, **hub)
+        # the caller's trust_remote_code lets AutoTokenizer read the export's config.json (remote VLConfig) quietly
+        tokenizer = AutoTokenizer.from_pretrained(str(pretrained_model_name_or_path),
+                                                  trust_remote_code=bool(kwargs.get("trust_remote_code")), **hub)
         return cls(VLImageProcessor.from_dict(config["image_processor"]), tokenizer, config["context_length"])
 
