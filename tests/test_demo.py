@@ -41,5 +41,5 @@ def test_demo_runs_end_to_end_and_learns(tmp_path):
     assert train_records[-1]["loss"] < 0.6 * train_records[0]["loss"]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 1 and summary["steps"] == 120
-    for name in ("loss.png", "eval.png", "config.yaml", "model/model.safetensors", "model/vlprocessor_config.json"):
+    for name in ("loss.png", "eval.png", "config.yaml", "model/model.safetensors", "model/processor_config.json"):
         assert (run / name).is_file(), name

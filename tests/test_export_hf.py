@@ -64,7 +64,7 @@ def hf_export(trained_run, tmp_path_factory):
 def test_hf_folder_has_config_weights_tokenizer_processor_code_and_card(hf_export):
     names = {p.name for p in hf_export.iterdir()}
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                 "vlprocessor_config.json", "modeling_vlpretrain.py", "processing_vlpretrain.py", "README.md"):
+                 "processor_config.json", "modeling_vlpretrain.py", "processing_vlpretrain.py", "README.md"):
         assert name in names, name
     config = json.loads((hf_export / "config.json").read_text())
     assert config["auto_map"]["AutoModel"] == "modeling_vlpretrain.VLModel"

@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from vlpretrain.export.remote_code import AUTO_MAP, write_remote_code
+from vlpretrain.export.remote_code import AUTO_MAP, map_processor_to_remote_code, write_remote_code
 from vlpretrain.export.source import TRAINING_INFO_KEY, LoadedModel, TrainingInfo
 
 
@@ -44,6 +44,7 @@ def export_hf(loaded: LoadedModel, out: str | Path, license: str = "apache-2.0")
             del model.config.auto_map
         processor.save_pretrained(tmp)
         write_remote_code(tmp)
+        map_processor_to_remote_code(tmp)
         (tmp / "README.md").write_text(model_card(info, model.config, Path(out).name, license))
     return Path(out)
 
@@ -95,12 +96,24 @@ from transformers import AutoModel, AutoProcessor
 
 model = AutoModel.from_pretrained("{name}", trust_remote_code=True).eval()
 processor = AutoProcessor.from_pretrained("{name}", trust_remote_code=True)
-batch = processor(images=[Image.open("cat.jpg")], text=["a photo of a cat", "a photo of a dog"])
+image = Image.open("cat.jpg")
+batch = processor(images=[image], text=["a photo of a cat", "a photo of a dog"])
 with torch.no_grad():
     image_emb = model.encode_image(batch["pixel_values"])                          # (1, E), L2-normalised
     text_emb = model.encode_text(batch["input_ids"], batch["attention_mask"])      # (2, E)
     probs = (100 * image_emb @ text_emb.T).softmax(-1)
-    caption = processor.batch_decode(model.generate(batch["pixel_values"], max_new_tokens=20))
+    ids = model.generate(**processor(images=[image]), max_new_tokens=20, num_beams=3)
+caption = processor.batch_decode(ids)[0]
+```
+
+Or through transformers' pipelines:
+
+```python
+from transformers import pipeline
+
+captioner = pipeline("image-text-to-text", model="{name}", trust_remote_code=True)
+captioner(images=image, text="", max_new_tokens=20)     # the text is a prompt the caption continues
+features = pipeline("image-feature-extraction", model="{name}", trust_remote_code=True)(image)  # (1, 1 + N, D)
 ```
 """
 

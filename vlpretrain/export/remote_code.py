@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import importlib
 import inspect
+import json
 import re
 from pathlib import Path
 
@@ -26,14 +27,19 @@ REMOTE_MODULES: list[tuple[str, str, tuple[str, ...] | None]] = [
     ("vl_functional.py", "vlpretrain.objectives.functional", None),
     ("vl_heads.py", "vlpretrain.models.heads", None),
     ("vl_backbone.py", "vlpretrain.models.backbone", None),
+    ("vl_generation.py", "vlpretrain.models.generation", None),
     ("modeling_vlpretrain.py", "vlpretrain.models.modeling", None),
     ("vl_images.py", "vlpretrain.data.images", None),
     ("vl_tokenizer.py", "vlpretrain.data.tokenizer", ("SPECIAL_TOKENS", "SPECIAL_IDS", "load_tokenizer",
                                                       "encode_captions")),
+    ("image_processing_vlpretrain.py", "vlpretrain.data.image_processor", None),
     ("processing_vlpretrain.py", "vlpretrain.data.processor", None),
 ]
+# the auto classes (and so the pipelines: image-text-to-text, image-feature-extraction) that load the export
 AUTO_MAP = {"AutoConfig": "modeling_vlpretrain.VLConfig", "AutoModel": "modeling_vlpretrain.VLModel",
-            "AutoProcessor": "processing_vlpretrain.VLProcessor"}
+            "AutoModelForImageTextToText": "modeling_vlpretrain.VLModel",
+            "AutoProcessor": "processing_vlpretrain.VLProcessor",
+            "AutoImageProcessor": "image_processing_vlpretrain.VLImageProcessor"}
 _FLAT_NAME = {module: file[:-3] for file, module, _ in REMOTE_MODULES}
 _IMPORT = re.compile(r"^(\s*)from (vlpretrain(?:\.\w+)*) import ", re.MULTILINE)
 
@@ -91,6 +97,17 @@ def rewrite_imports(source: str, origin: str) -> str:
     if leftover:
         raise RuntimeError(f"remote code: {origin} has `{leftover.group(0).strip()}`; use `from vlpretrain.x import`.")
     return out
+
+
+def map_processor_to_remote_code(out_dir: str | Path) -> None:
+    """Name the remote classes in ``processor_config.json`` (top level and its nested image processor):
+    ``AutoProcessor`` / ``AutoImageProcessor`` read ``auto_map`` there, not in ``config.json``, once the
+    file names a ``processor_class`` / ``image_processor_type``."""
+    path = Path(out_dir) / "processor_config.json"
+    config = json.loads(path.read_text())
+    config["auto_map"] = {"AutoProcessor": AUTO_MAP["AutoProcessor"]}
+    config["image_processor"]["auto_map"] = {"AutoImageProcessor": AUTO_MAP["AutoImageProcessor"]}
+    path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def write_remote_code(out_dir: str | Path) -> list[Path]:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from vlpretrain.data.processor import CONFIG_NAME as PROCESSOR_CONFIG
+from vlpretrain.data.processor import LEGACY_CONFIG_NAME as LEGACY_PROCESSOR_CONFIG
 from vlpretrain.data.processor import VLProcessor
 from vlpretrain.models.modeling import VLConfig, VLModel
 from vlpretrain.models.weights import load_strict
@@ -123,10 +124,10 @@ def _eval_figures(run_dir: Path, step: int | None) -> dict[str, float]:
 
 
 def _from_model_folder(path: Path) -> LoadedModel:
-    for name in ("config.json", PROCESSOR_CONFIG):
-        if not (path / name).is_file():
+    for names in (("config.json",), (PROCESSOR_CONFIG, LEGACY_PROCESSOR_CONFIG)):
+        if not any((path / name).is_file() for name in names):
             raise IncompleteCheckpoint(f"'{path}' is neither a checkpoint (no config.yaml / trainer_state.json) nor "
-                                       f"a complete model folder (no {name}).")
+                                       f"a complete model folder (no {names[0]}).")
     read_weights(path)  # a clear error before transformers reports a missing file its own way
     model = VLModel.from_pretrained(str(path))  # strict: a missing or unexpected weight is an error
     info = TrainingInfo(**getattr(model.config, TRAINING_INFO_KEY, None) or {})

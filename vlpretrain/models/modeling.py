@@ -19,8 +19,9 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from vlpretrain.config import ModelConfig
-from vlpretrain.layers.attention import KVCache
 from vlpretrain.models.backbone import VLBackbone
+from vlpretrain.models.generation import generate as generate_captions
+from vlpretrain.models.generation import resolve_config
 from vlpretrain.objectives.functional import next_token_loss
 
 _ARCH_FIELDS = [f.name for f in dataclasses.fields(ModelConfig)]
@@ -74,12 +75,14 @@ def strict_from_pretrained(cls, path, args, kwargs, new_keys: tuple[str, ...] = 
 
 @dataclass
 class VLModelOutput(ModelOutput):
-    """``loss`` (captioning, when labels are given), text ``logits`` and final hidden states."""
+    """``loss`` (captioning, when labels are given), text ``logits``, final hidden states and the pooled image
+    token (``pooler_output``, read by the image-feature-extraction pipeline's ``pool=True``)."""
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None  # (B, T, V)
     image_hidden_states: torch.Tensor | None = None  # (B, Ni, D)
     text_hidden_states: torch.Tensor | None = None  # (B, T, D)
+    pooler_output: torch.Tensor | None = None  # (B, D) the final-normed cls token (image given)
 
 
 class VLModel(PreTrainedModel):
@@ -176,9 +179,17 @@ class VLModel(PreTrainedModel):
         emb = self.image_proj(self.pooled_image_features(pixel_values))
         return F.normalize(emb, dim=-1) if normalize else emb
 
+    def text_mask(self, input_ids, attention_mask=None):
+        """``attention_mask``, or without one the mask the pad id implies (1 where ``input_ids`` != pad): a
+        right-padded batch is then pooled at each caption's EOS and its pads are never targets."""
+        if attention_mask is not None or input_ids is None:
+            return attention_mask
+        return (input_ids != self.config.pad_token_id).long()  # (B, T)
+
     def text_features(self, input_ids, attention_mask=None) -> torch.Tensor:
         """(B, T) -> (B, T, D) unimodal causal text states after ``text_embed_depth`` blocks."""
         depth = self.config.text_embed_depth or None
+        attention_mask = self.text_mask(input_ids, attention_mask)
         return self.backbone(input_ids=input_ids, attention_mask=attention_mask, layout="text",
                              depth=depth).text
 
@@ -186,6 +197,7 @@ class VLModel(PreTrainedModel):
         """(B, T) -> (B, D) the unimodal text state at the last real token (``text_features`` pooled),
         with the last of those blocks computing only that token (``pooled_only``)."""
         depth = self.config.text_embed_depth or None
+        attention_mask = self.text_mask(input_ids, attention_mask)
         return self.backbone(input_ids=input_ids, attention_mask=attention_mask, layout="text", depth=depth,
                              pooled_only=True).text[:, 0]
 
@@ -200,8 +212,10 @@ class VLModel(PreTrainedModel):
         """Image and/or text through the backbone; with both, ``prefix_lm`` unless ``layout`` says.
 
         ``labels`` (B, T), usually ``input_ids``: the captioning loss (next-token cross-entropy,
-        positions with label -100 or attention_mask 0 ignored).
+        positions with label -100 or attention_mask 0 ignored). Without ``attention_mask`` the pad id
+        implies it (:meth:`text_mask`).
         """
+        attention_mask = self.text_mask(input_ids, attention_mask)
         out = self.backbone(pixel_values=pixel_values, input_ids=input_ids, attention_mask=attention_mask,
                             layout=layout, cross_from_layer=self.config.text_embed_depth)
         logits = self.lm_head(out.text) if out.text is not None else None  # (B, T, V)
@@ -212,36 +226,29 @@ class VLModel(PreTrainedModel):
             if tuple(labels.shape) != tuple(input_ids.shape):
                 raise ValueError(f"labels has shape {tuple(labels.shape)}; expected {tuple(input_ids.shape)}.")
             loss = next_token_loss(logits, labels, attention_mask)
+        pooled = out.image[:, 0] if out.image is not None else None  # (B, D) what image embeddings read
         return VLModelOutput(loss=loss, logits=logits, image_hidden_states=out.image,
-                             text_hidden_states=out.text)
+                             text_hidden_states=out.text, pooler_output=pooled)
 
     # -- generation ---------------------------------------------------------------------------
-    @torch.no_grad()
-    def generate(self, pixel_values: torch.Tensor, max_new_tokens: int = 30, input_ids=None,
-                 use_cache: bool = True) -> torch.Tensor:
-        """Greedy captions (B, T) starting with the prompt (default: BOS), padded after EOS.
+    @classmethod
+    def can_generate(cls) -> bool:
+        """True: ``generate`` takes transformers' arguments (pipelines read this and ``generation_config``)."""
+        return True
 
-        With ``use_cache`` the image prefix and earlier tokens are computed once (KV cache).
+    @torch.no_grad()
+    def generate(self, pixel_values=None, input_ids=None, attention_mask=None, generation_config=None,
+                 **kwargs) -> torch.Tensor:
+        """Captions (B, T) for images ``pixel_values``, continuing the prompt ``input_ids`` (default: BOS),
+        padded after EOS; takes a processor's output as is (``**processor(images=..., text=...)``).
+
+        Arguments and defaults as transformers' ``generate``: ``max_new_tokens`` / ``max_length``, greedy,
+        ``do_sample`` with ``temperature`` / ``top_k`` / ``top_p``, beam search with ``num_beams`` and
+        ``length_penalty`` (default 0 here: summed log-probabilities), ``use_cache``,
+        ``return_dict_in_generate``; see :mod:`vlpretrain.models.generation`.
         """
-        cfg = self.config
-        B = pixel_values.shape[0]
-        if input_ids is None:
-            input_ids = torch.full((B, 1), cfg.bos_token_id, dtype=torch.long, device=pixel_values.device)
-        steps = min(max_new_tokens, cfg.max_text_len - input_ids.shape[1])
-        if steps <= 0:
-            raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room: the prompt has "
-                             f"{input_ids.shape[1]} of max_text_len={cfg.max_text_len} positions.")
-        cache = KVCache() if use_cache else None
-        seq, done = input_ids, torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-        step_ids, step_pixels = input_ids, pixel_values
-        for _ in range(steps):
-            out = self.backbone(pixel_values=step_pixels, input_ids=step_ids, layout="prefix_lm",
-                                cross_from_layer=cfg.text_embed_depth, cache=cache)
-            nxt = self.lm_head(out.text[:, -1]).argmax(-1)  # (B,)
-            nxt = torch.where(done, torch.full_like(nxt, cfg.pad_token_id), nxt)
-            seq = torch.cat([seq, nxt[:, None]], dim=1)
-            done = done | (nxt == cfg.eos_token_id)
-            if bool(done.all()):
-                break
-            step_ids, step_pixels = (nxt[:, None], None) if use_cache else (seq, pixel_values)
-        return seq
+        gen = resolve_config(self.generation_config, generation_config, kwargs)
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if getattr(gen, name) is None:
+                setattr(gen, name, getattr(self.config, name))
+        return generate_captions(self, pixel_values, input_ids, attention_mask, gen, use_cache=gen.use_cache)
