@@ -20,7 +20,6 @@ until it is sealed.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import Callable
 import torch
 
 from vlpretrain.config import ConfigError
-from vlpretrain.data.processor import CONFIG_NAME, VLProcessor
+from vlpretrain.data.processor import VLProcessor
 from vlpretrain.data.tokenizer import load_tokenizer
 from vlpretrain.train.checkpoint import (
     CONFIG_FILE, MANIFEST, RUN_PROCESSOR, IncompleteCheckpoint, check_compatible, check_manifest,
@@ -164,10 +163,10 @@ def check_run_processor(run_dir: Path, resume: Path | None, processor: VLProcess
     own = run_dir / RUN_PROCESSOR
     source = checkpoint_processor(resume) if resume is not None else None
     if source is not None:
-        saved = json.loads((source / CONFIG_NAME).read_text())
-        now = {"context_length": processor.context_length, "image": processor.image_settings.to_dict()}
-        now = json.loads(json.dumps(now))  # tuples as lists, as saved
-        diffs = [f"{k}: trained {saved.get(k)} != config {v}" for k, v in now.items() if saved.get(k) != v]
+        trained = VLProcessor.from_pretrained(source)
+        saved, now = ({"context_length": p.context_length, "image": p.image_settings.to_dict()}
+                      for p in (trained, processor))
+        diffs = [f"{k}: trained {saved[k]} != config {v}" for k, v in now.items() if saved[k] != v]
         if diffs:
             raise ConfigError(f"cannot resume from {resume}: the processor differs from the one the run was trained "
                               f"with ({'; '.join(diffs)}; data.mean/std/max_image_pixels, model.image_size/"
