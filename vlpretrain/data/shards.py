@@ -41,6 +41,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vlpretrain.config import ConfigError, DataConfig
+from vlpretrain.data.device_decode import SPARES, pack, plan_jpeg
 from vlpretrain.data.images import BadSample, ImageSettings, ImageTransform
 from vlpretrain.data.reader import RawSample, SkipCounter, by_reason, expand_sources, iter_shard, merge_counts
 from vlpretrain.data.tokenizer import encode_captions, load_tokenizer
@@ -90,8 +91,11 @@ class ShardDataset(IterableDataset):
     def __init__(self, sources: list[list[str]], *, transform: ImageTransform, tokenizer,
                  context_length: int, batch_size: int, resampled: bool, weights: list[float] | None,
                  shuffle: bool, buffer_size: int, seed: int, rank: int, world_size: int, num_workers: int,
-                 random_caption: bool = True, normalize: bool = True, pad_multiple: int = 1):
+                 random_caption: bool = True, normalize: bool = True, pad_multiple: int = 1,
+                 decode_on_device: bool = False):
         self.sources, self.transform, self.tokenizer = sources, transform, tokenizer
+        self.decode_on_device = decode_on_device  # data.decode=device: JPEGs leave as bytes (device_decode)
+        self.spares = SPARES if decode_on_device else 0  # next samples each batch carries, to fill bad rows
         self.pad_multiple = pad_multiple
         self.normalize_pixels = normalize  # False: uint8 pixels, normalised by the consumer
         self.random_caption = random_caption
@@ -128,23 +132,45 @@ class ShardDataset(IterableDataset):
                 continue
             yield position, sample
 
-    def _load(self, sample: RawSample, position: int, worker: int) -> tuple[torch.Tensor, str]:
-        """Decode + transform the image and pick the caption; raises :class:`BadSample`."""
+    def _load(self, sample: RawSample, position: int, worker: int) -> tuple[Any, str]:
+        """The image (see :meth:`_image`) and the caption; raises :class:`BadSample`."""
         if not self.shuffle:  # evaluation: first caption, fixed transform
             return self.transform(self.transform.decode(sample.image)), sample.captions[0]
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker, position])
         pick = int(rng.integers(len(sample.captions)))  # drawn either way: the crop seed stays the same
         caption = sample.captions[pick if self.random_caption else 0]
         crop_seed = int(rng.integers(2**62))
-        return self.transform(self.transform.decode(sample.image), seed=crop_seed), caption
+        return self._image(sample.image, crop_seed), caption
 
-    def _batch(self, items: list, worker: int, cursor: int, skips: SkipCounter) -> dict[str, Any]:
-        pixels = torch.stack([p for p, _, _ in items])  # (B, 3, S, S) uint8
-        batch = {"pixel_values": self.transform.normalize(pixels) if self.normalize_pixels else pixels}
-        batch.update(encode_captions(self.tokenizer, [c for _, c, _ in items], self.context_length,
-                                     self.pad_multiple))
-        batch["keys"] = [k for _, _, k in items]
-        batch.update(_worker=worker, _cursor=cursor, _skipped=skips.take())
+    def _image(self, data: bytes, crop_seed: int) -> Any:
+        """Decoded, cropped uint8 (3, S, S); with data.decode=device a JPEG stays ``(bytes, plan)``
+        (header checked, crop drawn) for the trainer's device to decode."""
+        if self.decode_on_device:
+            plan = plan_jpeg(self.transform, data, crop_seed)
+            if plan is not None:
+                return data, plan
+        return self.transform(self.transform.decode(data), seed=crop_seed)
+
+    def _captions(self, items: list) -> dict[str, torch.Tensor]:
+        return encode_captions(self.tokenizer, [c for _, c, _, _ in items], self.context_length, self.pad_multiple)
+
+    def _batch(self, items: list, worker: int, cursor: int, skipped: dict) -> dict[str, Any]:
+        """The batch of ``items[:batch_size]``; the rest are spares (data.decode=device only)."""
+        own, spares = items[:self.batch_size], items[self.batch_size:]
+        if self.decode_on_device:  # pixels decoded by the trainer (device_decode.DeviceBatches)
+            batch = {"pixel_values": torch.empty((len(own), 0), dtype=torch.uint8), **self._captions(own)}
+            spare_text = self._captions(spares)
+            batch["encoded"] = {**pack([image for image, _, _, _ in items], self.transform.settings.size),
+                                "spare_input_ids": spare_text["input_ids"],
+                                "spare_attention_mask": spare_text["attention_mask"],
+                                "spare_keys": [k for _, _, k, _ in spares], "shards": [s for _, _, _, s in items],
+                                "pad_id": self.tokenizer.pad_token_id}
+        else:
+            pixels = torch.stack([p for p, _, _, _ in own])  # (B, 3, S, S) uint8
+            batch = {"pixel_values": self.transform.normalize(pixels) if self.normalize_pixels else pixels,
+                     **self._captions(own)}
+        batch["keys"] = [k for _, _, k, _ in own]
+        batch.update(_worker=worker, _cursor=cursor, _skipped=skipped)
         return batch
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -153,19 +179,25 @@ class ShardDataset(IterableDataset):
         cursor = self.resume_cursor.get(worker, 0)
         if worker not in self.finished:
             items: list = []
+            held = None  # (cursor, skips) at a full batch's last sample, while its spares are read
             for position, sample in self._positions(worker, skips):
                 cursor = position + 1
                 try:
-                    pixels, caption = self._load(sample, position, worker)
+                    image, caption = self._load(sample, position, worker)
                 except BadSample as bad:
                     skips.add(bad.reason, sample.shard)
                     continue
-                items.append((pixels, caption, sample.key))
+                items.append((image, caption, sample.key, sample.shard))
                 if len(items) == self.batch_size:
-                    yield self._batch(items, worker, cursor, skips)
-                    items = []
+                    held = (cursor, skips.take())
+                if len(items) == self.batch_size + self.spares:  # spares: the next batch's first samples
+                    yield self._batch(items, worker, *held)
+                    items, held = items[self.batch_size:], None
+            if held is not None:  # the stream ended while reading spares
+                yield self._batch(items, worker, *held)
+                items = items[self.batch_size:]
             if items and not self.resampled:  # resampled: full batches only (samples are redrawn anyway)
-                yield self._batch(items, worker, cursor, skips)
+                yield self._batch(items, worker, cursor, skips.take())
         yield {"_worker": worker, "_end": True, "_cursor": cursor, "_skipped": skips.take()}
 
 
@@ -215,6 +247,10 @@ class ShardStream:
         settings = ImageSettings(size=image_size, mean=tuple(cfg.mean), std=tuple(cfg.std),
                                  crop_scale=tuple(cfg.crop_scale), crop_ratio=tuple(cfg.crop_ratio),
                                  hflip=cfg.hflip, max_pixels=cfg.max_image_pixels)
+        decode_on_device = self.train and cfg.decode == "device"
+        if decode_on_device and normalize:
+            raise ValueError("data.decode=device hands the consumer JPEG bytes to decode: build the train stream "
+                             "with normalize=False and pass each batch through device_decode.DeviceBatches.")
         self.dataset = ShardDataset(
             self.sources, transform=ImageTransform(settings, train=self.train),
             tokenizer=tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer),
@@ -222,7 +258,7 @@ class ShardStream:
             weights=cfg.train_weights if self.resampled else None, shuffle=self.train,
             buffer_size=cfg.shuffle_buffer, seed=seed, rank=rank, world_size=world_size,
             num_workers=max(self.num_workers, 1), random_caption=cfg.captions == "random", normalize=normalize,
-            pad_multiple=cfg.pad_multiple)
+            pad_multiple=cfg.pad_multiple, decode_on_device=decode_on_device)
         self.timeout, self.worker_priority, self.pin_memory = cfg.timeout, cfg.worker_priority, pin_memory
         self.skipped_by_shard: dict[str, dict[str, int]] = {}
         self._delivered = {w: 0 for w in range(self.dataset.num_workers)}

@@ -25,6 +25,7 @@ from vlpretrain.config import CUDA_GRAPH_MODES, ConfigError, ExperimentConfig, t
 from vlpretrain.data.processor import VLProcessor
 from vlpretrain.data.shards import ShardStream
 from vlpretrain.data.bootstrap import ensure_synthetic
+from vlpretrain.data.device_decode import DeviceBatches
 from vlpretrain.data.tokenizer import load_tokenizer
 from vlpretrain.eval.during_training import evaluate
 from vlpretrain.models.modeling import VLConfig, VLModel
@@ -278,6 +279,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
     start, samples_at_start, step_at_start = time.perf_counter(), state.samples_seen, state.step
     progress = _progress(accelerator, state.step, t.steps)
     it = iter(stream)
+    decoded = DeviceBatches(stream, accelerator.device)  # data.decode=device: JPEGs decoded there (else as is)
     new_window = {"time": 0.0, "wait": 0.0, "samples": 0, "tokens": 0.0, "steps": 0}
     window = dict(new_window)
     image_tokens = 1 + model.backbone.num_patches  # per image: cls + patches (before any patch dropout)
@@ -291,7 +293,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
             for _ in range(t.accum_steps):
                 raw, it = _next_batch(stream, it, state, micro)
                 tokens += _tokens(raw, image_tokens)  # counted on the host batch: no device sync
-                batches.append(_to_device(raw, accelerator.device, stream.normalize, compiled=t.compile))
+                batches.append(_to_device(decoded(raw), accelerator.device, stream.normalize, compiled=t.compile))
                 for reason, n in raw.get("skipped", {}).items():
                     window[f"skipped/{reason}"] = window.get(f"skipped/{reason}", 0) + n
             wait = time.perf_counter() - step_start
