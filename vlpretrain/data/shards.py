@@ -152,6 +152,8 @@ class ShardDataset(IterableDataset):
         return self.transform(self.transform.decode(data), seed=crop_seed)
 
     def _captions(self, items: list) -> dict[str, torch.Tensor]:
+        if not items:  # a batch without spares (the tokenizer refuses an empty list)
+            return {"input_ids": torch.zeros((0, 2), dtype=torch.long), "attention_mask": torch.zeros((0, 2), dtype=torch.long)}
         return encode_captions(self.tokenizer, [c for _, c, _, _ in items], self.context_length, self.pad_multiple)
 
     def _batch(self, items: list, worker: int, cursor: int, skipped: dict) -> dict[str, Any]:
