@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
                    **bench_stages.measure(shards, tok, args.image_size, args.batch_size, device)}
             if args.trainer_steps:
                 out["trainer"] = bench_stages.trainer(shards, tok_dir, args.trainer_config, args.trainer_steps,
-                                                      args.batch_size, args.workers, args.image_size)
+                                                      args.batch_size, args.workers)
         elif args.decode_modes:
             out = figures(interleaved({"cpu": run(shards, "cpu"), "device": run(shards, "device")}, args.rounds))
             out = {"bench": "data_decode_modes", **head, "device": device, **out,

@@ -192,21 +192,31 @@ class DeviceBatches:
     def decode(self, jobs: list[tuple[torch.Tensor, tuple[int, ...]]]) -> list[torch.Tensor | None]:
         """(JPEG bytes (N,) uint8 on the CPU, plan from :func:`plan_jpeg`) -> uint8 (3, S, S) on the
         device, or None where neither the device nor PIL could decode it."""
+        return self._in_chunks(self._decode_chunk, jobs)
+
+    def decode_only(self, jobs: list[tuple[torch.Tensor, tuple[int, ...]]]) -> list[torch.Tensor | None]:
+        """:meth:`decode` without the turn and crop: uint8 (3, H, W) as stored (tools/bench_stages.py)."""
+        return self._in_chunks(self._decode_all, jobs)
+
+    def _in_chunks(self, fn, jobs: list) -> list:
+        """``fn`` over ``jobs``: one call on an accelerator (one batched decode), one per thread on a CPU."""
         if not jobs:
             return []
         if self.threads == 1 or len(jobs) < 2:
-            return self._decode_chunk(jobs)
+            return fn(jobs)
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="device-decode")
         step = math.ceil(len(jobs) / self.threads)
-        parts = self._pool.map(self._decode_chunk, [jobs[i:i + step] for i in range(0, len(jobs), step)])
-        return [image for part in parts for image in part]
+        return [out for part in self._pool.map(fn, [jobs[i:i + step] for i in range(0, len(jobs), step)]) for out in part]
+
+    def _decode_all(self, jobs: list) -> list[torch.Tensor | None]:
+        try:
+            return _decode_jpeg([data for data, _ in jobs], self.device)  # one batched call
+        except Exception:  # noqa: BLE001 - the batched call fails as a whole: find the bad ones alone
+            return [self._decode_alone(data) for data, _ in jobs]
 
     def _decode_chunk(self, jobs: list) -> list[torch.Tensor | None]:
-        try:
-            decoded = _decode_jpeg([data for data, _ in jobs], self.device)  # one batched call
-        except Exception:  # noqa: BLE001 - the batched call fails as a whole: find the bad ones alone
-            decoded = [self._decode_alone(data) for data, _ in jobs]
+        decoded = self._decode_all(jobs)
         return [None if image is None else self._finish(image, plan) for image, (_, plan) in zip(decoded, jobs)]
 
     def _decode_alone(self, data: torch.Tensor) -> torch.Tensor | None:
