@@ -208,8 +208,9 @@ def _data_bound_note(step: int, wait_frac: float, num_workers: int) -> str:
     DATA_BOUND_WAIT of its time: on a GPU the step is then bound by the data workers, not the model."""
     return (f"[step {step}] the model waited on data {wait_frac:.0%} of the last log window: the data workers "
             f"(data.num_workers={num_workers}, on {os.cpu_count()} CPUs) do not keep up. More workers, "
-            f"data.worker_priority=normal (they run at idle priority by default), or images stored smaller "
-            f"(vlpretrain make-shards --max-size) feed it faster; tools/bench_data.py measures the pipeline alone")
+            f"data.worker_priority=normal (they run at idle priority by default), data.decode=device (JPEGs decoded "
+            f"on the trainer's GPU), or images stored at training size (vlpretrain make-shards --resize 256) feed it "
+            f"faster; tools/bench_data.py --stages measures each stage of the pipeline alone")
 
 
 def train(cfg: ExperimentConfig) -> dict[str, Any]:
