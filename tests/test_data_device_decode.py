@@ -124,3 +124,22 @@ def test_device_mode_refuses_a_normalising_stream(tmp_path, tokenizer):
     _shard(tmp_path / "train" / "one.tar", [("a", "jpg", _jpeg(_photo(0)))])
     with pytest.raises(ValueError, match="normalize=False"):
         make_stream(data_config(tmp_path, decode="device", num_workers=0), batch_size=1, tokenizer=tokenizer)
+
+
+def test_a_jpeg_the_cpu_path_decodes_downscaled_gets_the_same_crop_and_close_pixels(tmp_path, tokenizer):
+    from vlpretrain.data.device_decode import plan_jpeg
+    from vlpretrain.data.images import ImageSettings, ImageTransform
+
+    transform = ImageTransform(ImageSettings(size=32, crop_scale=(0.3, 1.0)), train=True)
+    data = _jpeg(_photo(3, (150, 130)))
+    assert transform.decode(data).size == (75, 65)  # the cpu path: DCT-scaled by 1/2
+    plan = plan_jpeg(transform, data, seed=11)
+    assert plan[-1] == 2 and plan[:5] == (*transform.crop_params(65, 75, seed=11)[:4], 0)  # that size's crop
+    _shard(tmp_path / "train" / "big.tar", [("big", "jpg", data), ("rgb", "jpg", KINDS["rgb"][1])])
+    (cpu,) = take(_stream(tmp_path, tokenizer, "cpu", 2, crop_ratio=[0.75, 1.33]), 1)
+    stream = _stream(tmp_path, tokenizer, "device", 2, crop_ratio=[0.75, 1.33])
+    (batch,) = [DeviceBatches(stream, "cpu")(b) for b in take(stream, 1)]
+    assert batch["keys"] == cpu["keys"] == ["big", "rgb"]
+    diff = (batch["pixel_values"].float() - cpu["pixel_values"].float()).abs()  # (2, 3, 32, 32)
+    print(f"draft-sized JPEG: mean {diff[0].mean():.2f}, max {diff[0].max():.0f} grey levels")
+    assert float(diff[0].mean()) < 1.0 and int(diff[1].max()) <= 1  # shrunk two ways; the small one exact

@@ -56,7 +56,7 @@ def _batches(items: list, size: int) -> list[list]:
 
 def measure(shards: Path, tokenizer, image_size: int, batch_size: int, device: str) -> dict:
     """{"stages": {mode: {stage: samples/s}}, "bound_by": {mode: slowest stage}}."""
-    from vlpretrain.data.device_decode import DeviceBatches, pack, plan_jpeg, upright
+    from vlpretrain.data.device_decode import DeviceBatches, pack, plan_jpeg
     from vlpretrain.data.images import ImageSettings, ImageTransform
     from vlpretrain.data.reader import SkipCounter, expand_sources, iter_shard
     from vlpretrain.data.shards import shuffle_buffer
@@ -91,7 +91,7 @@ def measure(shards: Path, tokenizer, image_size: int, batch_size: int, device: s
     dev["decode_worker_part"], dev["decode_device_part"] = worker_rate, decode_rate
     turned = list(zip(decoded, (p for _, p in jobs)))
     dev["augment"], crops = _rate(len(jobs), lambda: [
-        transform.apply_crop(upright(x, p[5]), (p[0], p[1], p[2], p[3], bool(p[4]))) for x, p in turned])
+        decoder._finish(x, p) for x, p in turned])
     rows = [(s.image, p) for s, p in zip(samples, plans) if p]
     dev["collate"], packed = _rate(len(rows), lambda: ([pack(b, image_size) for b in _batches(rows, batch_size)],
                                                        collate_text())[0])

@@ -6,14 +6,15 @@ for a model that eats ~4490). With ``device`` the work splits in two:
 
 **Worker** (:func:`plan_jpeg`, :func:`pack`): I/O, the shuffle, the header checks (``max_image_pixels``,
 format) and the caption tokenisation, as before, and the crop parameters: drawn from the same seeded RNG
-and on the same (DCT-draft-sized, upright) image size as the ``cpu`` path, then scaled to the stored
-resolution, so a sample gets the same crop in either mode and a resumed run the same crops as an
-unbroken one. A JPEG that ``decode_jpeg`` decodes (baseline or progressive, RGB or greyscale) travels
-as its raw bytes with (crop box, EXIF orientation, flip); anything else (PNG, WebP, CMYK/YCCK or 12-bit
-JPEG) is decoded in the worker by the ``cpu`` path and travels as pixels.
+and on the same (DCT-draft-sized, upright) image size as the ``cpu`` path, so a sample gets the same
+crop in either mode and a resumed run the same crops as an unbroken one. A JPEG that ``decode_jpeg``
+decodes (baseline or progressive, RGB or greyscale) travels as its raw bytes with its plan (crop box,
+flip, EXIF orientation, draft scale); anything else (PNG, WebP, CMYK/YCCK or 12-bit JPEG) is decoded in
+the worker by the ``cpu`` path and travels as pixels.
 
 **Trainer** (:class:`DeviceBatches`): the batch's JPEGs are decoded by one batched
-``torchvision.io.decode_jpeg(list, device=...)`` call, then each is turned upright (EXIF), cropped,
+``torchvision.io.decode_jpeg(list, device=...)`` call, then each is shrunk like the ``cpu`` path's draft
+where that applies (:func:`draft_like`), turned upright (EXIF), cropped,
 resized (antialiased bicubic) and flipped there with ``torchvision.transforms.v2.functional``; the
 trainer then normalises the uint8 batch as it does for worker-decoded batches. On a CPU-only machine the
 same code runs with ``device=cpu``, the batch split over ``torch.get_num_threads()`` threads (the
@@ -40,7 +41,8 @@ drops its decoders. The deprecation warning is silenced for that call only.
 The shift in pixels between modes: none where the ``cpu`` path decodes at full size (both use
 libjpeg-turbo's default IDCT and upsampling on the CPU; nvJPEG is within a grey level). Where a stored
 image is at least twice the size the crop needs, the ``cpu`` path decodes it DCT-downscaled (PIL draft)
-and the device path at full size with an antialiased resize: both are valid, slightly different pixels.
+and the device path decodes it whole and averages the same blocks (:func:`draft_like`): the same crop
+box, pixels that differ by the two ways of shrinking (about a grey level on average).
 ``vlpretrain make-shards --resize`` stores images at training size, which makes that case rare.
 """
 
@@ -69,25 +71,24 @@ _DEVICE_MODES = ("RGB", "L")  # PIL modes of the JPEGs decode_jpeg(mode=RGB) dec
 
 
 def plan_jpeg(transform: ImageTransform, data: bytes, seed: int) -> tuple[int, ...] | None:
-    """A JPEG the device decodes -> its ``(top, left, height, width, flip, orientation)`` in stored
-    pixels (the crop :meth:`ImageTransform.crop_params` draws for ``seed`` on the size the ``cpu`` path
-    decodes, scaled to the full size); None for anything else (the caller decodes it on the CPU).
-    Raises :class:`BadSample` for an unreadable or too-large header, exactly like the ``cpu`` path."""
+    """A JPEG the device decodes -> its plan ``(top, left, height, width, flip, orientation, scale)``: the
+    crop :meth:`ImageTransform.crop_params` draws for ``seed`` on the upright image at the size the ``cpu``
+    path decodes it (PIL draft: stored size / ``scale``, scale 1, 2, 4 or 8), with its EXIF orientation;
+    None for anything else (the caller decodes it on the CPU). Raises :class:`BadSample` for an
+    unreadable or too-large header, exactly like the ``cpu`` path."""
     img = transform.open_header(data, draft=False)
     if img.format != "JPEG" or img.mode not in _DEVICE_MODES:
         return None
     orientation = img.getexif().get(_ORIENTATION, 1)
     orientation = orientation if orientation in range(2, 9) else 1  # what ImageOps.exif_transpose applies
-    full_w, full_h = img.size
+    stored_w = img.size[0]
     transform.draft(img)
     draft_w, draft_h = img.size
+    scale = next(s for s in (1, 2, 4, 8) if -(-stored_w // s) == draft_w)  # libjpeg: ceil(side / scale)
     if orientation >= 5:  # 5-8 transpose: the upright picture is the stored one turned on its side
-        full_w, full_h, draft_w, draft_h = full_h, full_w, draft_h, draft_w
+        draft_w, draft_h = draft_h, draft_w
     top, left, height, width, flip = transform.crop_params(draft_h, draft_w, seed)
-    sy, sx = full_h / draft_h, full_w / draft_w
-    top, left = min(round(top * sy), full_h - 1), min(round(left * sx), full_w - 1)
-    height, width = min(max(round(height * sy), 1), full_h - top), min(max(round(width * sx), 1), full_w - left)
-    return top, left, height, width, int(flip), orientation
+    return top, left, height, width, int(flip), orientation, scale
 
 
 def pack(rows: list, size: int) -> dict[str, Any]:
@@ -102,7 +103,7 @@ def pack(rows: list, size: int) -> dict[str, Any]:
         "jpeg_data": torch.frombuffer(bytearray(b"".join(blobs)), dtype=torch.uint8) if blobs
         else torch.empty(0, dtype=torch.uint8),
         "jpeg_offsets": offsets,
-        "jpeg_plans": torch.tensor([rows[r][1] for r in jpeg_rows], dtype=torch.long).reshape(-1, 6),  # (J, 6)
+        "jpeg_plans": torch.tensor([rows[r][1] for r in jpeg_rows], dtype=torch.long).reshape(-1, 7),  # (J, 7)
         "jpeg_rows": torch.tensor(jpeg_rows, dtype=torch.long),
         "pixels": torch.stack([rows[r] for r in pixel_rows]) if pixel_rows
         else torch.empty((0, 3, size, size), dtype=torch.uint8),  # (P, 3, S, S)
@@ -131,6 +132,16 @@ def _decode_pil(data: torch.Tensor) -> torch.Tensor | None:
         return torch.from_numpy(np.asarray(to_rgb(img)).copy()).permute(2, 0, 1)  # (3, H, W)
     except Exception:  # noqa: BLE001 - any failure means the sample cannot be decoded
         return None
+
+
+def draft_like(pixels: torch.Tensor, scale: int) -> torch.Tensor:
+    """uint8 (3, H, W) -> (3, ceil(H / scale), ceil(W / scale)): the mean of each scale x scale block (the
+    last ones partial), what libjpeg's DCT scaling computes up to its rounding, so the crop the worker drew
+    on the draft-sized image applies unchanged and the pixels stay close to the cpu path's."""
+    if scale == 1:
+        return pixels
+    shrunk = torch.nn.functional.avg_pool2d(pixels[None].float(), scale, ceil_mode=True, count_include_pad=False)
+    return shrunk[0].round_().clamp_(0, 255).to(torch.uint8)
 
 
 def upright(pixels: torch.Tensor, orientation: int) -> torch.Tensor:
@@ -227,8 +238,10 @@ class DeviceBatches:
             return None if image is None else image.to(self.device)
 
     def _finish(self, image: torch.Tensor, plan: tuple[int, ...]) -> torch.Tensor:
-        top, left, height, width, flip, orientation = plan
-        return self.transform.apply_crop(upright(image, orientation), (top, left, height, width, bool(flip)))
+        """Decoded (3, H, W) -> the planned crop: shrunk like the cpu path's DCT draft, turned upright, cropped."""
+        top, left, height, width, flip, orientation, scale = plan
+        return self.transform.apply_crop(upright(draft_like(image, scale), orientation),
+                                         (top, left, height, width, bool(flip)))
 
     # -- bad rows -----------------------------------------------------------------------------------
     def _count(self, batch: dict, shards: list[str]) -> None:
