@@ -244,9 +244,9 @@ def resize_speedup(tmp: Path, args, big: int, small: int, run) -> dict:
     from vlpretrain.data.writer import reshard
 
     sources, resized = tmp / f"side{big}", tmp / f"side{small}"
-    write_shards(sources, args.samples, per_shard=max(1, args.samples // (4 * args.workers)),
-                 sides=(big, big * 4 // 3), unique=min(args.samples, 64))
-    reshard(sources, resized, small)
+    per_shard = max(1, args.samples // (4 * args.workers))
+    write_shards(sources, args.samples, per_shard=per_shard, sides=(big, big * 4 // 3), unique=min(args.samples, 64))
+    reshard(sources, resized, small, samples_per_shard=per_shard)
     out = figures(interleaved({str(big): run(sources), str(small): run(resized)}, args.rounds))
     out["speedup"] = round(out["samples_per_s"][str(small)] / out["samples_per_s"][str(big)], 3)
     return out
