@@ -77,7 +77,8 @@ class ModelConfig:
     tie_word_embeddings: bool = True
     """Tie lm_head to text_embed."""
     attn_backend: Optional[str] = None
-    """Attention backend: sdpa, flex, flash_attn or eager (None: $VLPRETRAIN_ATTN, then sdpa)."""
+    """Attention backend: sdpa, flex, flash_attn, eager or sdpa_aligned (sdpa whose masked calls pad the keys
+    to a multiple of 8, for cuDNN's aligned kernels; untimed yet) (None: $VLPRETRAIN_ATTN, then sdpa)."""
     pad_token_id: int = 0
     """Padding token id."""
     bos_token_id: int = 1
