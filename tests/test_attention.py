@@ -63,7 +63,7 @@ def test_per_sequence_causality_matches_each_sequence_run_with_its_own_flag(back
         AttentionLayout("text", 0, 9, text_causal=flags[:, None])
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+@pytest.mark.parametrize("backend", ["sdpa", "flex", "sdpa_aligned"])
 @pytest.mark.parametrize("layout,text_causal", CASES)
 def test_backend_matches_eager(backend, layout, text_causal):
     model = make_model("debug")
@@ -218,3 +218,19 @@ def test_query_mask_is_the_dense_masks_rows_at_the_query_positions(kind, rows):
             continue
         want = dense.expand(3, -1, -1, -1)[torch.arange(3), :, query].unsqueeze(2)  # (B, 1, 1, L)
         assert got.shape == (3, 1, 1, layout.length) and torch.equal(got.expand_as(want), want), (layer, got, want)
+
+
+def test_keys_padded_to_a_multiple_of_8_give_the_same_attention():
+    from vlpretrain.layers.attention import sdpa_keys_padded
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 29, 16, requires_grad=True) for _ in range(3))  # 29 keys: padded to 32
+    mask = torch.rand(2, 1, 29, 29) > 0.3
+    mask[..., 0] = True  # every query sees a key
+    grad = torch.randn(2, 3, 29, 16)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), grad)
+    out = sdpa_keys_padded(q, k, v, mask)
+    grads = torch.autograd.grad(out, (q, k, v), grad)
+    assert out.shape == ref.shape and (out - ref).abs().max() < 1e-6
+    assert all(g.shape == r.shape and (g - r).abs().max() < 1e-5 for g, r in zip(grads, ref_grads))

@@ -59,3 +59,24 @@ def test_bench_runs_the_real_trainer_and_prints_one_json_line(synth_root, tmp_pa
     assert figures["steps_timed"] == 2 and figures["batch_size"] == 8 and figures["world_size"] == 1
     assert figures["samples_per_s"] > 0 and figures["peak_rss_mb"] > 100 and 0 <= figures["data_wait_frac"] <= 1
     assert 0 <= figures["eval"]["i2t_r@1"] <= 1 and 0 < figures["eval"]["samples"] <= 64
+
+
+@pytest.mark.slow
+def test_bench_data_stages_prints_every_stage_for_both_decode_modes_and_the_trainers_data_wait():
+    run = subprocess.run([sys.executable, "tools/bench_data.py", "--stages", "--samples", "24", "--batch-size", "8",
+                          "--image-size", "32", "--sides", "40,64", "--trainer-steps", "3"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600, env=_tree_env())
+    assert run.returncode == 0, run.stderr[-2000:]
+    figures = json.loads(run.stdout.strip().splitlines()[-1])
+    stages = ("read", "shuffle", "decode", "augment", "collate", "host_to_device")
+    for mode in ("cpu", "device"):
+        assert all(figures["stages"][mode][s] > 0 for s in stages), figures["stages"]
+        assert figures["bound_by"][mode] in stages
+        assert 0 <= figures["trainer"][mode]["data_wait_frac"] <= 1 and figures["trainer"][mode]["samples_per_s"] > 0
+    assert figures["jpeg_share"] == 1.0  # every synthetic JPEG took the device path
+
+
+def _tree_env() -> dict:
+    import os
+
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}

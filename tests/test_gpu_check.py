@@ -4,9 +4,12 @@ the CPU at toy sizes so that it cannot rot between GPU sessions (the figures mea
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,3 +46,21 @@ def test_gpu_check_py_names_the_valid_sections_for_an_unknown_one(tmp_path):
                           str(tmp_path / "x.json")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "unknown section(s) ['attention_alignmnet']" in run.stderr
     assert "attention_alignment" in run.stderr.split("valid:")[1] and not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.slow
+def test_gpu_check_sh_trainer_lines_run_on_the_cpu_at_toy_sizes(tmp_path):
+    """--trainer-smoke runs the very lines --trainer runs on a lent GPU (toy values): the trainer under both
+    data.decode modes side by side, the pipeline alone and its stages, each writing its figures."""
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(["bash", "tools/gpu_check.sh", "--trainer-smoke"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600, env=env)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    assert "failed" not in run.stdout, run.stdout[-3000:]
+    for mode, name in (("device", "bench_gpu_device.json"), ("cpu", "bench_gpu.json")):
+        figures = json.loads((tmp_path / name).read_text().strip().splitlines()[-1])
+        assert f"data.decode={mode}" in figures["overrides"] and 0 <= figures["data_wait_frac"] <= 1
+        assert f"data.decode={mode}: data_wait_frac {figures['data_wait_frac']:.3f}" in run.stdout
+    stages = json.loads((tmp_path / "bench_data_stages.json").read_text())
+    assert set(stages["stages"]) == {"cpu", "device"}
+    assert json.loads((tmp_path / "bench_data_w12_idle.json").read_text())["vlpretrain_samples_per_s"] > 0

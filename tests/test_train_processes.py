@@ -61,9 +61,11 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_kill_9_then_resume_auto_reproduces_the_unbroken_run(synth_root, tmp_path):
+@pytest.mark.parametrize("decode", ["cpu", "device"])  # device: JPEGs decoded by the trainer, crops drawn in the workers
+def test_kill_9_then_resume_auto_reproduces_the_unbroken_run(synth_root, tmp_path, decode):
     # workers, shuffling and a randomly masking objective, so data position and RNG must all resume
     common = ["train.steps=10", "train.ckpt_every=3", "data.num_workers=2", "data.val=null", "train.export=false",
+              f"data.decode={decode}",
               "objectives=[{name: contrastive}, {name: captioning}, {name: masked_text, mask_ratio: 0.3}]"]
     unbroken_dir, broken_dir = tmp_path / "unbroken", tmp_path / "broken"
     unbroken = start(write_config(tmp_path / "a.yaml", train_overrides(synth_root, unbroken_dir, *common)))

@@ -17,6 +17,9 @@ reports, over the steps after the first ``--warmup``:
 - ``compiled`` (``train.compile``): dynamo's graphs and graph breaks, and inductor's count of graphs it
   ran without CUDA graphs under a CUDA-graph ``train.compile_mode`` (the reasons: ``TORCH_LOGS=cudagraphs``).
 
+``python tools/bench.py --summarise A.json B.json ...`` prints one line per earlier run (its
+``data.decode``, data-wait fraction, samples/s and MFU) to compare them side by side (tools/gpu_check.sh).
+
 Not a test: it asserts nothing. For ratios against another trainer, see ``tools/compare_openclip.py``.
 """
 
@@ -66,9 +69,22 @@ def summarise(records: list[dict], warmup: int) -> dict:
     return out
 
 
+def summary_line(path: str) -> str:
+    """One earlier run's JSON line (this tool's output file) as ``data.decode=MODE: figures``."""
+    try:
+        figures = json.loads(Path(path).read_text().strip().splitlines()[-1])
+        decode = next((o.split("=", 1)[1] for o in figures["overrides"] if o.startswith("data.decode=")), "cpu")
+        mfu = f", mfu {figures['mfu']:.3f}" if "mfu" in figures else ""
+        return (f"data.decode={decode}: data_wait_frac {figures['data_wait_frac']:.3f}, samples/s "
+                f"{figures['samples_per_s']:.1f}{mfu} ({Path(path).name})")
+    except (OSError, IndexError, KeyError, ValueError) as exc:
+        return f"{Path(path).name}: no figures ({type(exc).__name__}: {exc})"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="experiment YAML")
+    parser.add_argument("--summarise", nargs="+", metavar="JSON", help="print earlier runs' figures side by side")
+    parser.add_argument("--config", help="experiment YAML (required unless --summarise)")
     parser.add_argument("--warmup", type=int, default=10, help="first steps left out of the figures (default 10)")
     parser.add_argument("--log-every", type=int, default=1,
                         help="train.log_every (default 1): the trainer reads the device on the host at log steps "
@@ -76,6 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval", action="store_true", help="evaluate on data.val after the last step")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_intermixed_args(argv)  # options and key=value overrides in any order
+    if args.summarise:
+        print("\n".join(summary_line(path) for path in args.summarise))
+        return 0
+    if not args.config:
+        parser.error("--config is required (or --summarise JSON ...)")
 
     import torch
 

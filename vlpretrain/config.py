@@ -77,7 +77,8 @@ class ModelConfig:
     tie_word_embeddings: bool = True
     """Tie lm_head to text_embed."""
     attn_backend: Optional[str] = None
-    """Attention backend: sdpa, flex, flash_attn or eager (None: $VLPRETRAIN_ATTN, then sdpa)."""
+    """Attention backend: sdpa, flex, flash_attn, eager or sdpa_aligned (sdpa whose masked calls pad the keys
+    to a multiple of 8, for cuDNN's aligned kernels; untimed yet) (None: $VLPRETRAIN_ATTN, then sdpa)."""
     pad_token_id: int = 0
     """Padding token id."""
     bos_token_id: int = 1
@@ -282,6 +283,13 @@ class DataConfig:
     """Captions are right-padded to the batch's longest, rounded up to a multiple of this (capped at the
     context length). 1: the longest (least compute). 8 on GPUs: aligned shapes, and at most
     context/8 text lengths, each of which records its own CUDA graph under train.compile_mode=reduce-overhead."""
+    decode: str = "cpu"
+    """Where training images are decoded. cpu: in the data workers (decode, crop, resize per sample).
+    device: the workers read, shuffle, check headers, draw the crops and tokenise; the trainer decodes each
+    batch's JPEGs in one call on its device (nvJPEG on CUDA; torch.get_num_threads() threads on a CPU) and
+    crops and resizes there, so CPU workers no longer bound a GPU. Same crops as cpu (exact resume); PNG,
+    WebP and CMYK JPEGs are still decoded in the workers; an undecodable JPEG is skipped and counted, its
+    row filled from the next samples (see vlpretrain.data.device_decode). Validation always decodes on cpu."""
     shuffle_buffer: int = 1000
     """Samples (raw bytes, not decoded) held for shuffling across shards; 0 or 1 disables sample shuffling."""
     crop_scale: list[float] = field(default_factory=lambda: [0.9, 1.0])
@@ -311,6 +319,7 @@ class DataConfig:
             (self.worker_priority in ("idle", "low", "normal"), "data.worker_priority",
              f"'{self.worker_priority}' is not one of idle, low, normal"),
             (self.captions in ("random", "first"), "data.captions", f"'{self.captions}' is not one of random, first"),
+            (self.decode in ("cpu", "device"), "data.decode", f"'{self.decode}' is not one of cpu, device"),
             (self.shuffle_buffer >= 0, "data.shuffle_buffer", f"{self.shuffle_buffer} must be >= 0"),
             (self.pad_multiple >= 1, "data.pad_multiple", f"{self.pad_multiple} must be >= 1 (1: pad to the longest caption)"),
             (len(self.crop_scale) == 2 and 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1,

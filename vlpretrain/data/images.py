@@ -88,9 +88,11 @@ class ImageTransform:
         self.train = train
         s = settings
         interp = InterpolationMode(s.interpolation)
+        self._interpolation = interp
+        self._random_crop = v2.RandomResizedCrop(s.size, scale=s.crop_scale, ratio=s.crop_ratio,
+                                                 interpolation=interp, antialias=True)
         if train:
-            steps = [v2.RandomResizedCrop(s.size, scale=s.crop_scale, ratio=s.crop_ratio,
-                                          interpolation=interp, antialias=True)]
+            steps = [self._random_crop]
             if s.hflip:
                 steps.append(v2.RandomHorizontalFlip())
             # smallest crop side is sqrt(min area) of the image side: decode at least size/sqrt(low)
@@ -105,8 +107,9 @@ class ImageTransform:
         self._affine = {torch.device("cpu"): (scale, shift)}  # per device: copied there once, never per batch
 
     # -- decoding -------------------------------------------------------------------------------
-    def decode(self, data: bytes) -> Image.Image:
-        """Header check, early-downscaled decode, EXIF orientation, RGB. Raises :class:`BadSample`."""
+    def open_header(self, data: bytes, draft: bool = True) -> Image.Image:
+        """The image with only its header read, checked against ``max_pixels``; with ``draft`` set to
+        decode at the reduced size the transform needs (:meth:`draft`). Raises :class:`BadSample`."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             try:
@@ -115,11 +118,24 @@ class ImageTransform:
                 raise BadSample("image_too_large", str(exc)) from None
             except Exception as exc:  # noqa: BLE001 - any unreadable header is a bad sample
                 raise BadSample("undecodable_image", f"{type(exc).__name__}: {exc}") from None
-            if img.width * img.height > self.settings.max_pixels:
-                raise BadSample("image_too_large", f"{img.width}x{img.height} pixels > "
-                                f"max_image_pixels={self.settings.max_pixels}")
-            if img.format == "JPEG":
-                img.draft("RGB", (self.decode_side, self.decode_side))  # DCT scaling, never below
+        if img.width * img.height > self.settings.max_pixels:
+            raise BadSample("image_too_large", f"{img.width}x{img.height} pixels > "
+                            f"max_image_pixels={self.settings.max_pixels}")
+        if draft:
+            self.draft(img)
+        return img
+
+    def draft(self, img: Image.Image) -> None:
+        """A header-only JPEG set to decode at a reduced size (PIL ``draft``: DCT scaling by 1/2, 1/4 or 1/8,
+        never below ``decode_side``); ``img.size`` is then that size. Other formats are left alone."""
+        if img.format == "JPEG":
+            img.draft("RGB", (self.decode_side, self.decode_side))
+
+    def decode(self, data: bytes) -> Image.Image:
+        """Header check, early-downscaled decode, EXIF orientation, RGB. Raises :class:`BadSample`."""
+        img = self.open_header(data)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             try:
                 img.load()
                 img = ImageOps.exif_transpose(img)
@@ -136,9 +152,28 @@ class ImageTransform:
         """RGB PIL image -> uint8 (3, S, S). ``seed`` fixes the random crop (training)."""
         if not self.train or seed is None:
             return self.transform(img)
+        pixels = v2.functional.pil_to_tensor(img)  # (3, H, W) uint8
+        return self.apply_crop(pixels, self.crop_params(*pixels.shape[-2:], seed=seed))
+
+    def crop_params(self, height: int, width: int, seed: int) -> tuple[int, int, int, int, bool]:
+        """The training crop of an image of ``height`` x ``width`` (as decoded, upright) for ``seed``:
+        (top, left, crop height, crop width, flip), the draws of torchvision's RandomResizedCrop (and
+        RandomHorizontalFlip with ``hflip``). The worker draws them; :meth:`apply_crop` (in the worker, or
+        on the trainer's device with data.decode=device) applies them."""
+        shape_only = torch.empty((), dtype=torch.uint8).expand(3, height, width)  # no pixels allocated
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed also pokes accelerators
-            return self.transform(img)
+            box = self._random_crop.make_params([shape_only])
+            flip = self.settings.hflip and bool(torch.rand(1) < 0.5)  # RandomHorizontalFlip(p=0.5)'s draw
+        return box["top"], box["left"], box["height"], box["width"], flip
+
+    def apply_crop(self, pixels: torch.Tensor, params: tuple[int, int, int, int, bool]) -> torch.Tensor:
+        """uint8 (3, H, W) on any device -> the crop ``params`` resized to uint8 (3, S, S) there."""
+        top, left, height, width, flip = params
+        size = self.settings.size
+        out = v2.functional.resized_crop(pixels, top, left, height, width, [size, size],
+                                         interpolation=self._interpolation, antialias=True)
+        return v2.functional.horizontal_flip(out) if flip else out
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 3, S, S) -> float32 (B, 3, S, S), scaled to [0, 1] then standardised, on the device

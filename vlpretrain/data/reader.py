@@ -251,6 +251,12 @@ def _grouped(url: str, wanted: Callable[[int], bool] | None = None
         yield index, key, parts
 
 
+def iter_groups(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {ext: bytes}) of every sample of a shard as stored, unchecked (for rewriting shards); a
+    damaged shard raises after its last whole sample."""
+    yield from _grouped(url)
+
+
 def _captions(parts: dict[str, bytes]) -> list[str]:
     """Every non-blank caption of a sample: the .json's ``captions`` list, else its ``caption``, else
     the .txt. Raises :class:`BadSample` with the reason."""

@@ -51,6 +51,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vlpretrain.config import ConfigError, DataConfig
+from vlpretrain.data.device_decode import SPARES, pack, plan_jpeg
 from vlpretrain.data.images import BadSample, ImageSettings, ImageTransform
 from vlpretrain.data.position import (
     FORMAT, Task, WorkerPlan, advance, check_position, data_spec, distribute)
@@ -156,8 +157,11 @@ class ShardDataset(IterableDataset):
     def __init__(self, sources: list[list[str]], *, transform: ImageTransform, tokenizer,
                  context_length: int, batch_size: int, resampled: bool, weights: list[float] | None,
                  shuffle: bool, buffer_size: int, seed: int, rank: int, world_size: int, num_workers: int,
-                 random_caption: bool = True, normalize: bool = True, pad_multiple: int = 1):
+                 random_caption: bool = True, normalize: bool = True, pad_multiple: int = 1,
+                 decode_on_device: bool = False):
         self.sources, self.transform, self.tokenizer = sources, transform, tokenizer
+        self.decode_on_device = decode_on_device  # data.decode=device: JPEGs leave as bytes (device_decode)
+        self.spares = SPARES if decode_on_device else 0  # next samples each batch carries, to fill bad rows
         self.pad_multiple = pad_multiple
         self.normalize_pixels = normalize  # False: uint8 pixels, normalised by the consumer
         self.random_caption = random_caption
@@ -192,24 +196,54 @@ class ShardDataset(IterableDataset):
         rng = random.Random(f"buffer/{self.seed}/{self.epoch}/{self.rank}/{worker}")
         return ShuffleBuffer(self.buffer_size, rng, plan.slots, plan.draws, plan.draining)
 
-    def _load(self, sample: RawSample, position: int, worker: int) -> tuple[torch.Tensor, str]:
-        """Decode + transform the image and pick the caption; raises :class:`BadSample`."""
+    def _load(self, sample: RawSample, position: int, worker: int) -> tuple[Any, str]:
+        """The image (see :meth:`_image`) and the caption; raises :class:`BadSample`."""
         if not self.shuffle:  # evaluation: first caption, fixed transform
             return self.transform(self.transform.decode(sample.image)), sample.captions[0]
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker, position])
         pick = int(rng.integers(len(sample.captions)))  # drawn either way: the crop seed stays the same
         caption = sample.captions[pick if self.random_caption else 0]
         crop_seed = int(rng.integers(2**62))
-        return self.transform(self.transform.decode(sample.image), seed=crop_seed), caption
+        return self._image(sample.image, crop_seed), caption
 
-    def _batch(self, items: list, worker: int, cursor: int, skips: SkipCounter) -> dict[str, Any]:
-        pixels = torch.stack([p for p, _, _ in items])  # (B, 3, S, S) uint8
-        batch = {"pixel_values": self.transform.normalize(pixels) if self.normalize_pixels else pixels}
-        batch.update(encode_captions(self.tokenizer, [c for _, c, _ in items], self.context_length,
-                                     self.pad_multiple))
-        batch["keys"] = [k for _, _, k in items]
-        batch.update(_worker=worker, _cursor=cursor, _skipped=skips.take())
+    def _image(self, data: bytes, crop_seed: int) -> Any:
+        """Decoded, cropped uint8 (3, S, S); with data.decode=device a JPEG stays ``(bytes, plan)``
+        (header checked, crop drawn) for the trainer's device to decode."""
+        if self.decode_on_device:
+            plan = plan_jpeg(self.transform, data, crop_seed)
+            if plan is not None:
+                return data, plan
+        return self.transform(self.transform.decode(data), seed=crop_seed)
+
+    def _captions(self, items: list) -> dict[str, torch.Tensor]:
+        if not items:  # a batch without spares (the tokenizer refuses an empty list)
+            return {"input_ids": torch.zeros((0, 2), dtype=torch.long), "attention_mask": torch.zeros((0, 2), dtype=torch.long)}
+        return encode_captions(self.tokenizer, [c for _, c, _, _ in items], self.context_length, self.pad_multiple)
+
+    def _batch(self, items: list, worker: int, cursor: int, skipped: dict) -> dict[str, Any]:
+        """The batch of ``items[:batch_size]``; the rest are spares (data.decode=device only)."""
+        own, spares = items[:self.batch_size], items[self.batch_size:]
+        if self.decode_on_device:  # pixels decoded by the trainer (device_decode.DeviceBatches)
+            batch = {"pixel_values": torch.empty((len(own), 0), dtype=torch.uint8), **self._captions(own)}
+            spare_text = self._captions(spares)
+            batch["encoded"] = {**pack([image for image, _, _, _ in items], self.transform.settings.size),
+                                "spare_input_ids": spare_text["input_ids"],
+                                "spare_attention_mask": spare_text["attention_mask"],
+                                "spare_keys": [k for _, _, k, _ in spares], "shards": [s for _, _, _, s in items],
+                                "pad_id": self.tokenizer.pad_token_id}
+        else:
+            pixels = torch.stack([p for p, _, _, _ in own])  # (B, 3, S, S) uint8
+            batch = {"pixel_values": self.transform.normalize(pixels) if self.normalize_pixels else pixels,
+                     **self._captions(own)}
+        batch["keys"] = [k for _, _, k, _ in own]
+        batch.update(_worker=worker, _cursor=cursor, _skipped=skipped)
         return batch
+
+    def _batch_at(self, items: list, worker: int, at: tuple) -> dict[str, Any]:
+        """The batch of ``items`` with the position ``at`` = (cursor, skips, snapshot) of its last own sample
+        (its spares, read after it, belong to the next batch)."""
+        cursor, skipped, snapshot = at
+        return {**self._batch(items, worker, cursor, skipped), "_pos": snapshot}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         worker = self._worker_id()
@@ -221,19 +255,25 @@ class ShardDataset(IterableDataset):
             buffer = self._buffer(plan, worker)
             raw = self._raw(plan, skips, progress)
             items: list = []
+            held = None  # (cursor, skips, position) at a full batch's last sample, while its spares are read
             for position, (_, sample) in enumerate(buffer(raw) if buffer else raw, start=plan.cursor):
                 cursor = position + 1
                 try:
-                    pixels, caption = self._load(sample, position, worker)
+                    image, caption = self._load(sample, position, worker)
                 except BadSample as bad:
                     skips.add(bad.reason, sample.shard)
                     continue
-                items.append((pixels, caption, sample.key))
+                items.append((image, caption, sample.key, sample.shard))
                 if len(items) == self.batch_size:
-                    yield {**self._batch(items, worker, cursor, skips), "_pos": _snapshot(progress, buffer)}
-                    items = []
+                    held = (cursor, skips.take(), _snapshot(progress, buffer))
+                if len(items) == self.batch_size + self.spares:  # spares: the next batch's first samples
+                    yield self._batch_at(items, worker, held)
+                    items, held = items[self.batch_size:], None
+            if held is not None:  # the stream ended while reading spares
+                yield self._batch_at(items, worker, held)
+                items = items[self.batch_size:]
             if items and not self.resampled:  # resampled: full batches only (samples are redrawn anyway)
-                yield {**self._batch(items, worker, cursor, skips), "_pos": _snapshot(progress, buffer)}
+                yield self._batch_at(items, worker, (cursor, skips.take(), _snapshot(progress, buffer)))
         yield {"_worker": worker, "_end": True, "_cursor": cursor, "_skipped": skips.take()}
 
 
@@ -296,6 +336,10 @@ class ShardStream:
         settings = ImageSettings(size=image_size, mean=tuple(cfg.mean), std=tuple(cfg.std),
                                  crop_scale=tuple(cfg.crop_scale), crop_ratio=tuple(cfg.crop_ratio),
                                  hflip=cfg.hflip, max_pixels=cfg.max_image_pixels)
+        decode_on_device = self.train and cfg.decode == "device"
+        if decode_on_device and normalize:
+            raise ValueError("data.decode=device hands the consumer JPEG bytes to decode: build the train stream "
+                             "with normalize=False and pass each batch through device_decode.DeviceBatches.")
         self.dataset = ShardDataset(
             self.sources, transform=ImageTransform(settings, train=self.train),
             tokenizer=tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer),
@@ -303,7 +347,7 @@ class ShardStream:
             weights=cfg.train_weights if self.resampled else None, shuffle=self.train,
             buffer_size=cfg.shuffle_buffer, seed=seed, rank=rank, world_size=world_size,
             num_workers=max(self.num_workers, 1), random_caption=cfg.captions == "random", normalize=normalize,
-            pad_multiple=cfg.pad_multiple)
+            pad_multiple=cfg.pad_multiple, decode_on_device=decode_on_device)
         self.timeout, self.worker_priority, self.pin_memory = cfg.timeout, cfg.worker_priority, pin_memory
         self.rank, self.world_size = rank, world_size
         self.spec = data_spec(self.sources, seed=seed, mode=cfg.mode, weights=cfg.train_weights)

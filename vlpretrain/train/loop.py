@@ -25,6 +25,7 @@ from vlpretrain.config import CUDA_GRAPH_MODES, ConfigError, ExperimentConfig, t
 from vlpretrain.data.processor import VLProcessor
 from vlpretrain.data.shards import ShardStream
 from vlpretrain.data.bootstrap import ensure_synthetic
+from vlpretrain.data.device_decode import DeviceBatches
 from vlpretrain.eval.during_training import evaluate_val_shards
 from vlpretrain.models.modeling import VLConfig, VLModel
 from vlpretrain.models.weights import load_strict
@@ -215,8 +216,9 @@ def _data_bound_note(step: int, wait_frac: float, num_workers: int) -> str:
     DATA_BOUND_WAIT of its time: on a GPU the step is then bound by the data workers, not the model."""
     return (f"[step {step}] the model waited on data {wait_frac:.0%} of the last log window: the data workers "
             f"(data.num_workers={num_workers}, on {os.cpu_count()} CPUs) do not keep up. More workers, "
-            f"data.worker_priority=normal (they run at idle priority by default), or images stored smaller "
-            f"(vlpretrain make-shards --max-size) feed it faster; tools/bench_data.py measures the pipeline alone")
+            f"data.worker_priority=normal (they run at idle priority by default), data.decode=device (JPEGs decoded "
+            f"on the trainer's GPU), or images stored at training size (vlpretrain make-shards --resize 256) feed it "
+            f"faster; tools/bench_data.py --stages measures each stage of the pipeline alone")
 
 
 def train(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -291,6 +293,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
     start, samples_at_start, step_at_start = time.perf_counter(), state.samples_seen, state.step
     progress = _progress(accelerator, state.step, t.steps)
     it = iter(stream)
+    decoded = DeviceBatches(stream, accelerator.device)  # data.decode=device: JPEGs decoded there (else as is)
     new_window = {"time": 0.0, "wait": 0.0, "samples": 0, "tokens": 0.0, "steps": 0}
     window = dict(new_window)
     image_tokens = 1 + model.backbone.num_patches  # per image: cls + patches (before any patch dropout)
@@ -304,7 +307,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
             for _ in range(t.accum_steps):
                 raw, it = _next_batch(stream, it, state, micro)
                 tokens += _tokens(raw, image_tokens)  # counted on the host batch: no device sync
-                batches.append(_to_device(raw, accelerator.device, stream.normalize, compiled=t.compile))
+                batches.append(_to_device(decoded(raw), accelerator.device, stream.normalize, compiled=t.compile))
                 for reason, n in raw.get("skipped", {}).items():
                     window[f"skipped/{reason}"] = window.get(f"skipped/{reason}", 0) + n
             wait = time.perf_counter() - step_start
