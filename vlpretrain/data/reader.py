@@ -254,7 +254,8 @@ def _grouped(url: str, wanted: Callable[[int], bool] | None = None
 def iter_groups(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {ext: bytes}) of every sample of a shard as stored, unchecked (for rewriting shards); a
     damaged shard raises after its last whole sample."""
-    yield from _grouped(url)
+    for _, key, parts in _grouped(url):
+        yield key, parts
 
 
 def _captions(parts: dict[str, bytes]) -> list[str]:
