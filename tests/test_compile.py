@@ -1,5 +1,6 @@
 """``train.compile``: the objective set under torch.compile traces as one graph (no host sync splits it)
-and gives the eager loss and gradients; the logit-scale clamp acts on the parameter inside the graph too.
+and gives the eager loss and gradients; the logit-scale clamp (after the optimiser step, outside any
+graph) acts on the parameter the compiled module reads.
 Dynamo and AOTAutograd are what is checked (the ``aot_eager`` backend: no code generation, seconds), but
 for one test of inductor's code generation over two caption lengths (~50 s)."""
 
@@ -26,7 +27,7 @@ def test_compiled_objectives_are_one_graph_with_eager_losses_and_gradients(entri
     counters.clear()
     eager = build_objective_set(make_model(text_embed_depth=1), entries)
     twin = copy.deepcopy(eager)
-    for module in (eager, twin):  # above the clamp: each run must clamp the parameter itself
+    for module in (eager, twin):  # above the clamp: the hook after the optimiser step must clamp the parameter
         with torch.no_grad():
             module.objectives["contrastive"].logit_scale.fill_(math.log(500.0))
     compiled = torch.compile(twin, backend="aot_eager")
@@ -42,7 +43,12 @@ def test_compiled_objectives_are_one_graph_with_eager_losses_and_gradients(entri
     worst, where = max_grad_diff(grads_of(twin), grads_of(eager))
     assert worst < 1e-5, f"gradients differ by {worst} at {where}"
     for module in (eager, twin):
+        module.objectives["contrastive"].after_optimizer_step()
         assert abs(float(module.objectives["contrastive"].logit_scale.detach()) - math.log(100.0)) < 1e-6
+    torch.manual_seed(1)
+    clamped = compiled(batch).loss  # reads the clamped value
+    torch.manual_seed(1)
+    assert torch.allclose(clamped, eager(batch).loss, rtol=1e-5, atol=1e-6) and not torch.allclose(clamped, got.loss)
 
 
 @pytest.mark.parametrize("accumulate", [False, True])

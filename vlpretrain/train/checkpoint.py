@@ -1,7 +1,9 @@
 """Checkpoints that survive anything: written to a hidden temporary folder and renamed when complete.
 
 ``run.dir/checkpoints/step_<N>/`` holds what Accelerate saves (model as safetensors, optimiser,
-scheduler, every process's RNG states), each rank's data-stream position (JSON), the trainer state
+scheduler, every process's RNG states) or, under FSDP, a ``torch.distributed.checkpoint`` folder
+``sharded/`` of model and optimiser with ``scheduler.bin`` and each rank's ``rng_state_rank<R>.json``
+(:mod:`vlpretrain.train.sharding`); each rank's data-stream position (JSON), the trainer state
 (JSON: step, samples seen, counters) and the resolved config. A folder is complete exactly when it
 carries the final name: a save killed half-way leaves only ``.step_<N>.tmp``, which resume ignores.
 Nothing here unpickles: Accelerate loads with ``weights_only=True``; our own files are JSON/YAML.
@@ -10,15 +12,20 @@ Nothing here unpickles: Accelerate loads with ``weights_only=True``; our own fil
 from __future__ import annotations
 
 import json
+import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import OmegaConf
 
 from vlpretrain.config import ConfigError
+from vlpretrain.train.sharding import is_sharded_checkpoint, load_sharded, save_sharded
 
 PREFIX = "step_"
+SCHEDULER_FILE = "scheduler.bin"  # the name Accelerate gives it too
 TRAINER_STATE = "trainer_state.json"
 CONFIG_FILE = "config.yaml"
 # model keys that may change between a checkpoint and its resume (they change no parameter shape)
@@ -75,8 +82,27 @@ def check_compatible(path: Path, model_cfg: Any) -> None:
                           f"config it was trained with, or start a new run.dir.")
 
 
+@dataclass
+class Trainables:
+    """What a checkpoint's model/optimiser part is saved from and restored into."""
+
+    module: Any  # the ObjectiveSet itself: FSDP2-sharded, or plain (not its DDP wrapper)
+    optimizer: Any  # as accelerate prepared it
+    scheduler: Any
+    sharded: bool  # FSDP2: saved with torch.distributed.checkpoint
+
+
+def check_resume_format(path: Path, sharded: bool) -> None:
+    """A clear error, before anything is written, for a checkpoint this run cannot restore: one saved
+    without FSDP (model.safetensors) resumed under FSDP. (A sharded one resumes anywhere.)"""
+    if sharded and not is_sharded_checkpoint(path):
+        raise ConfigError(f"cannot resume from {path} under FSDP: it was saved without FSDP (model.safetensors and an "
+                          f"unsharded optimiser). Resume it without FSDP (the accelerate config it was trained with), "
+                          f"or start a new run.dir with train.init_from={path} to take its weights only.")
+
+
 def save_checkpoint(accelerator, run_dir: str | Path, step: int, trainer_state: dict, data_state: dict | None,
-                    config_yaml: str, keep_last: int) -> Path:
+                    config_yaml: str, keep_last: int, trainables: Trainables | None = None) -> Path:
     """Write checkpoint ``step`` atomically (all ranks call this) and keep the newest ``keep_last``."""
     root = checkpoints_dir(run_dir)
     final, tmp = root / f"{PREFIX}{step}", root / f".{PREFIX}{step}.tmp"
@@ -84,7 +110,10 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, trainer_state: 
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    if trainables is not None and trainables.sharded:
+        _save_sharded_state(accelerator, tmp, trainables)
+    else:
+        accelerator.save_state(str(tmp))
     if data_state is not None:
         (tmp / f"data_state_rank{accelerator.process_index}.json").write_text(json.dumps(data_state))
     accelerator.wait_for_everyone()
@@ -105,10 +134,69 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, trainer_state: 
     return final
 
 
-def load_checkpoint(accelerator, path: Path) -> tuple[dict, dict | None]:
-    """Restore model/optimiser/scheduler/RNG into the prepared objects: (trainer state, this rank's data state)."""
-    accelerator.load_state(str(path))
+def load_checkpoint(accelerator, path: Path, trainables: Trainables | None = None) -> tuple[dict, dict | None]:
+    """Restore model/optimiser/scheduler/RNG into the prepared objects: (trainer state, this rank's data state).
+    A sharded checkpoint loads into ``trainables`` whatever the number of processes and with or without FSDP."""
+    if is_sharded_checkpoint(path):
+        if trainables is None:
+            raise ConfigError(f"{path} is a sharded (FSDP) checkpoint; pass the trainables to restore it into.")
+        _load_sharded_state(accelerator, path, trainables)
+    else:
+        check_resume_format(path, trainables is not None and trainables.sharded)
+        accelerator.load_state(str(path))
     trainer_state = json.loads((path / TRAINER_STATE).read_text())
     data_file = path / f"data_state_rank{accelerator.process_index}.json"
     data_state = json.loads(data_file.read_text()) if data_file.is_file() else None
     return trainer_state, data_state
+
+
+# ----------------------------------------------------------------------------------------------
+# the FSDP form: model and optimiser through torch.distributed.checkpoint, scheduler and RNG beside them
+
+
+def _save_sharded_state(accelerator, folder: Path, trainables: Trainables) -> None:
+    save_sharded(folder, trainables.module, _inner(trainables.optimizer))  # collective
+    if accelerator.is_main_process:
+        torch.save(trainables.scheduler.state_dict(), folder / SCHEDULER_FILE)
+    (folder / f"rng_state_rank{accelerator.process_index}.json").write_text(json.dumps(_rng_state()))
+
+
+def _load_sharded_state(accelerator, folder: Path, trainables: Trainables) -> None:
+    load_sharded(folder, trainables.module, _inner(trainables.optimizer))
+    trainables.scheduler.load_state_dict(torch.load(folder / SCHEDULER_FILE, weights_only=True))
+    rng = folder / f"rng_state_rank{accelerator.process_index}.json"
+    if rng.is_file():  # a rank the saving run did not have keeps its fresh per-rank seed
+        _set_rng_state(json.loads(rng.read_text()))
+    else:
+        print(f"[rank {accelerator.process_index}] {folder} holds no random state for this rank (saved with fewer "
+              f"processes): its random draws start from its own seed")
+
+
+def _inner(optimizer):
+    return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
+
+
+def _rng_state() -> dict:
+    """This process's random states (python, numpy, torch CPU and CUDA) as JSON-able values."""
+    import numpy as np
+
+    version, mt, gauss = random.getstate()
+    np_state = np.random.get_state(legacy=False)
+    state = {"python": [version, list(mt), gauss], "torch": torch.get_rng_state().tolist(),
+             "numpy": {**np_state, "state": {**np_state["state"], "key": np_state["state"]["key"].tolist()}}}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    import numpy as np
+
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    np_state = state["numpy"]
+    np.random.set_state({**np_state, "state": {**np_state["state"],
+                                                "key": np.asarray(np_state["state"]["key"], dtype=np.uint32)}})
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])

@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
-from accelerate.utils import DistributedType
 from accelerate.utils import set_seed
 
 from vlpretrain.config import CUDA_GRAPH_MODES, ConfigError, ExperimentConfig, to_yaml
@@ -32,12 +31,14 @@ from vlpretrain.models.weights import load_strict
 from vlpretrain.objectives import build_objective_set
 from vlpretrain.train.accumulate import accumulate_backward, backward
 from vlpretrain.train.checkpoint import (
-    check_compatible, complete_checkpoints, load_checkpoint, resolve_resume, save_checkpoint)
+    Trainables, check_compatible, check_resume_format, complete_checkpoints, load_checkpoint, resolve_resume,
+    save_checkpoint)
 from vlpretrain.train.flops import FlopCounter, device_peak_flops
 from vlpretrain.train.host_reads import LaggedReadback, step_unless
 from vlpretrain.layers.precision import emulates, emulation_note, low_precision_context
 from vlpretrain.train.metrics import MetricsLog, plot_curves
 from vlpretrain.train.optim import build_optimizer, build_scheduler
+from vlpretrain.train import sharding
 
 
 SPECIAL_IDS = ("pad_token_id", "bos_token_id", "eos_token_id", "mask_token_id")
@@ -215,11 +216,13 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
     """Run the experiment ``cfg``; returns the summary also written to ``run.dir/summary.json``."""
     t = cfg.train
     run_dir = Path(cfg.run.dir)
+    fsdp = sharding.fsdp_from_launcher()  # before the Accelerator: FSDP2 is applied here, on every device
     accelerator = Accelerator(
         mixed_precision=t.precision, log_with=t.trackers or None, project_dir=str(run_dir),
         step_scheduler_with_optimizer=False,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     world, rank = accelerator.num_processes, accelerator.process_index
+    sharding.check_world(accelerator)
     if emulates(accelerator.device, t.precision):
         accelerator.print(emulation_note(t.precision))
     micro = _micro_batch_size(cfg, world)
@@ -237,6 +240,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
         model = VLModel(VLConfig.from_model_config(cfg.model))
     if resume is not None:
         check_compatible(resume, cfg.model)
+        check_resume_format(resume, sharded=fsdp is not None)
     stream = ShardStream(cfg.data, "train", batch_size=micro, image_size=cfg.model.image_size,
                          context_length=cfg.model.max_text_len, tokenizer=tokenizer, rank=rank,
                          world_size=world, seed=cfg.run.seed, pin_memory=accelerator.device.type == "cuda",
@@ -244,9 +248,15 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
 
     model.set_grad_checkpointing(t.grad_checkpointing)
     objectives = build_objective_set(model, cfg.objectives)
+    if fsdp is not None:  # sharded here, not by accelerate (sharding.py says why), before the optimiser takes the DTensors
+        module = sharding.shard(objectives, accelerator.device, fsdp)
     optimizer = build_optimizer(objectives, cfg.optim, accelerator.device)
     scheduler = build_scheduler(optimizer, cfg.optim, t.steps)
-    module, optimizer, scheduler = accelerator.prepare(objectives, optimizer, scheduler)
+    if fsdp is None:
+        module, optimizer, scheduler = accelerator.prepare(objectives, optimizer, scheduler)
+    else:
+        optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
+    trainables = Trainables(objectives, optimizer, scheduler, sharded=fsdp is not None)
     cuda_graphs = t.compile and t.compile_mode in CUDA_GRAPH_MODES
     if t.compile:
         module = torch.compile(module, options=compile_options(t.compile_mode))
@@ -265,7 +275,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
     accelerator.init_trackers(run_dir.name, config=_flat(cfg), init_kwargs=_tracker_kwargs(t.trackers, run_dir))
     state = _State()
     if resume is not None:  # last before the loop: it restores the RNG states the next step draws from
-        saved, data_state = load_checkpoint(accelerator, resume)
+        saved, data_state = load_checkpoint(accelerator, resume, trainables)
         state = _State(**saved)
         if data_state is not None:
             stream.load_state_dict(data_state)
@@ -273,7 +283,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
 
     def checkpoint() -> Path:
         return save_checkpoint(accelerator, run_dir, state.step, vars(state), stream.state_dict(), config_yaml,
-                               t.keep_last)
+                               t.keep_last, trainables)
 
     start, samples_at_start, step_at_start = time.perf_counter(), state.samples_seen, state.step
     progress = _progress(accelerator, state.step, t.steps)
@@ -319,6 +329,8 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
             else:
                 bad = bad | ~torch.isfinite(grad_norm)
                 step_unless(optimizer, bad)  # skipped on the device: no host read of the loss here
+            for objective in objectives.objectives.values():
+                objective.after_optimizer_step()  # e.g. the temperature clamp, on the real (sharded) parameter
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
@@ -385,7 +397,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
                "nonfinite_steps": state.nonfinite_total, "dropped_epoch_tails": state.dropped_tail,
                "skipped_samples": stream.skipped_by_reason(),
                "final_metrics": {k: v for k, v in (log.last or {}).items()}, "eval": state.eval,
-               "checkpoint": str(final)}
+               "checkpoint": str(final), "distributed": sharding.describe(module, accelerator)}
     model = _full_model(cfg, accelerator, module) if t.export and stopped_by is None else None
     if model is not None:
         summary["export"] = str(_export(model, processor, run_dir))
@@ -466,10 +478,10 @@ def _progress(accelerator, step: int, total: int):
 
 def _full_model(cfg: ExperimentConfig, accelerator, module) -> VLModel | None:
     """The trained VLModel whole, on the main process (None elsewhere). Every rank must call this:
-    under FSDP the shards are gathered into a fresh model; otherwise the wrapped model is unwrapped."""
-    if accelerator.distributed_type != DistributedType.FSDP:
+    under FSDP the shards are gathered into a fresh model (strictly); otherwise the wrapped model is unwrapped."""
+    if not sharding.is_sharded(module):
         return accelerator.unwrap_model(module).model if accelerator.is_main_process else None
-    state = accelerator.get_state_dict(module)  # collective: the full state dict lands on the main process
+    state = sharding.gather_full_state(module)  # collective: the full state dict lands on the main process
     if not accelerator.is_main_process:
         return None
     model = VLModel(VLConfig.from_model_config(cfg.model))
