@@ -276,3 +276,28 @@ def test_sharded_checkpoint_keys_are_checked_strictly_and_consolidate_without_a_
     check_resume_format(tmp_path, sharded=True)  # a sharded checkpoint resumes under FSDP ...
     with pytest.raises(ConfigError, match="saved without FSDP"):  # ... one saved without FSDP does not
         check_resume_format(tmp_path / "elsewhere", sharded=True)
+
+
+def test_fsdp_settings_come_from_the_launcher_and_unsupported_ones_are_refused(monkeypatch):
+    from vlpretrain.config import ConfigError
+    from vlpretrain.train.sharding import FsdpSettings, fsdp_from_launcher
+
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    assert fsdp_from_launcher() is None  # no FSDP asked: DDP or one process, as Accelerate decides
+    launched = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_RESHARD_AFTER_FORWARD": "false",
+                "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP", "FSDP_TRANSFORMER_CLS_TO_WRAP": "Block",
+                "FSDP_OFFLOAD_PARAMS": "false", "FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT"}
+    bad = {"FSDP_VERSION": ("1", "FSDP2 only"), "FSDP_OFFLOAD_PARAMS": ("true", "offload"),
+           "FSDP_RESHARD_AFTER_FORWARD": ("FULL_SHARD", "FSDP1 sharding strategy"),
+           "FSDP_STATE_DICT_TYPE": ("FULL_STATE_DICT", "SHARDED_STATE_DICT")}
+    for key, (value, why) in bad.items():
+        for name, v in {**launched, key: value}.items():
+            monkeypatch.setenv(name, v)
+        with pytest.raises(ConfigError, match=why):
+            fsdp_from_launcher()
+    for name, v in launched.items():
+        monkeypatch.setenv(name, v)
+    with pytest.raises(ConfigError, match="train.precision=bf16"):
+        fsdp_from_launcher("fp16")
+    assert fsdp_from_launcher("bf16") == FsdpSettings(reshard_after_forward=False, wrap=("Block",))
+    assert os.environ["ACCELERATE_USE_FSDP"] == "false"  # taken: Accelerate's state stays MULTI_CPU / MULTI_GPU

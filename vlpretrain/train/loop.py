@@ -216,7 +216,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
     """Run the experiment ``cfg``; returns the summary also written to ``run.dir/summary.json``."""
     t = cfg.train
     run_dir = Path(cfg.run.dir)
-    fsdp = sharding.fsdp_from_launcher()  # before the Accelerator: FSDP2 is applied here, on every device
+    fsdp = sharding.fsdp_from_launcher(t.precision)  # before the Accelerator: FSDP2 is applied here, on every device
     accelerator = Accelerator(
         mixed_precision=t.precision, log_with=t.trackers or None, project_dir=str(run_dir),
         step_scheduler_with_optimizer=False,
