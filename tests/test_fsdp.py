@@ -1,7 +1,7 @@
 """FSDP2 under the trainer, in real processes: ``vlpretrain train --accelerate-config
 configs/accelerate/fsdp-cpu-2.yaml`` (2 CPU processes over gloo) against one process and against DDP,
-its sharded checkpoint exported to a hub folder that transformers loads without vlpretrain, and
-resumed by one process.
+its sharded checkpoint exported to a hub folder that transformers loads without vlpretrain and
+resumed by one plain process, and a one-process checkpoint resumed under FSDP by two.
 
 Random draws: each rank seeds its own generator (``run.seed + rank``), so a 2-process run draws other
 MAE masks than one process does for the same batch. Objectives without draws (contrastive CLIP and
@@ -38,16 +38,16 @@ OBJECTIVES_A = f"objectives=[{{name: contrastive, loss: clip}}, {{name: captioni
 OBJECTIVES_B = "objectives=[{name: contrastive, loss: siglip}, {name: captioning, per_caption: true}]"
 
 
-def launch(config: Path, kind: str) -> subprocess.Popen:
+def launch(config: Path, kind: str, *args: str) -> subprocess.Popen:
     """``kind``: fsdp (the user's command with the FSDP accelerate config), ddp (the CPU DDP recipe)."""
     if kind == "fsdp":
         cmd = [sys.executable, "-m", "vlpretrain", "train", "--accelerate-config",
-               str(ROOT / "configs" / "accelerate" / "fsdp-cpu-2.yaml"), "--config", str(config)]
+               str(ROOT / "configs" / "accelerate" / "fsdp-cpu-2.yaml"), "--config", str(config), *args]
         env = ENV  # no ACCELERATE_USE_CPU here: `vlpretrain train` sets it from the file's use_cpu
     else:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "-m", "vlpretrain.train", "--config", str(config)]
+               "-m", "vlpretrain.train", "--config", str(config), *args]
         env = {**ENV, "ACCELERATE_USE_CPU": "true"}
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -86,12 +86,12 @@ def runs(synth_root, tmp_path_factory):
 
     a = (OBJECTIVES_A, f"data.train={two}", "train.ckpt_every=2")
     b_fsdp = launch(config("b_fsdp", OBJECTIVES_B, f"data.train={two}", "train.accum_steps=2"), "fsdp")
-    b_one = start(config("b_one", OBJECTIVES_B, f"data.train={one}"))
+    b_one = start(config("b_one", OBJECTIVES_B, f"data.train={one}", "train.ckpt_every=2"))
     finish(b_one)
     finish(b_fsdp)
     finish(launch(config("a_fsdp", *a, "train.export=true"), "fsdp"))  # also the end-of-run gather
     finish(launch(config("a_ddp", *a), "ddp"))
-    return dirs
+    return {**dirs, "two": two}
 
 
 @pytest.mark.slow
@@ -176,31 +176,60 @@ def test_fsdp_checkpoint_exports_to_a_hub_folder_transformers_loads_without_vlpr
 
 @pytest.mark.slow
 def test_two_process_fsdp_checkpoint_resumes_in_one_plain_process(runs, tmp_path):
-    from omegaconf import OmegaConf
-
     from vlpretrain.export.source import read_weights
 
     source = runs["a_fsdp"]
-    saved = tmp_path / "step_2"
-    shutil.copytree(source / "checkpoints" / "step_2", saved)
-    # until the data position is saved world-size independent, a per-rank one cannot move to 1 process:
-    # the resumed run then reads its data afresh (this test is about model, optimiser, schedule and step)
-    for per_rank in saved.glob("data_state_rank*.json"):
-        per_rank.unlink()
-    run_dir = tmp_path / "resumed"
-    cfg = OmegaConf.load(source / "config.yaml")  # the same run, in a new run.dir
-    cfg.run.dir = str(run_dir)
-    OmegaConf.save(cfg, tmp_path / "resume.yaml")
-    cfg = tmp_path / "resume.yaml"
+    saved, cfg = resume_elsewhere(source, 2, tmp_path)
     finish(start(cfg, "--resume", str(saved)))
+    run_dir = tmp_path / "resumed"
     info = summary(run_dir)
     assert info["world_size"] == 1 and info["distributed"]["sharding"] == "none" and info["steps"] == STEPS
     resumed, original = records(run_dir), records(source)
     assert [r["step"] for r in resumed] == [3, 4]  # the step counter continues
     assert [r["lr"] for r in resumed] == pytest.approx([r["lr"] for r in original][2:], rel=1e-9)  # so does the LR
     assert resumed[-1]["samples_seen"] == STEPS * 2 * PER_RANK
+    # the saved shards are the weights the first resumed step starts from: its logit scale (read in the
+    # forward, before the step) is the one the 2-process run used at step 3
+    assert resumed[0]["contrastive/logit_scale"] == pytest.approx(original[2]["contrastive/logit_scale"], rel=1e-6)
     worst, _ = max_diff(read_weights(saved), consolidated(run_dir))
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in resumed) and worst > 0  # it trains on
+
+
+def resume_elsewhere(source: Path, step: int, tmp_path: Path, *overrides: str) -> tuple[Path, Path]:
+    """A copy of ``source``'s checkpoint ``step`` and a config of the same run in a new run.dir: (checkpoint,
+    config). Until the data position is saved world-size independent, a per-rank one cannot move to
+    another number of processes: the copy leaves it out and the resumed run reads its data afresh
+    (these tests are about model, optimiser, schedule and step)."""
+    from omegaconf import OmegaConf
+
+    saved = tmp_path / f"step_{step}"
+    shutil.copytree(source / "checkpoints" / f"step_{step}", saved)
+    for per_rank in saved.glob("data_state_rank*.json"):
+        per_rank.unlink()
+    cfg = OmegaConf.merge(OmegaConf.load(source / "config.yaml"),
+                          OmegaConf.from_dotlist([f"run.dir={tmp_path / 'resumed'}", *overrides]))
+    OmegaConf.save(cfg, tmp_path / "resume.yaml")
+    return saved, tmp_path / "resume.yaml"
+
+
+@pytest.mark.slow
+def test_one_process_checkpoint_resumes_under_fsdp_on_two(runs, tmp_path):
+    from vlpretrain.export.source import read_weights
+
+    source = runs["b_one"]  # saved without FSDP: model.safetensors, optimizer.bin (its lm_head left out: tied)
+    saved, cfg = resume_elsewhere(source, 2, tmp_path, f"data.train={runs['two']}")
+    finish(launch(cfg, "fsdp", "--resume", str(saved)))
+    run_dir = tmp_path / "resumed"
+    info = summary(run_dir)
+    assert info["world_size"] == 2 and info["distributed"]["sharding"] == "fsdp2" and info["steps"] == STEPS
+    resumed, original = records(run_dir), records(source)
+    assert [r["step"] for r in resumed] == [3, 4]
+    assert [r["lr"] for r in resumed] == pytest.approx([r["lr"] for r in original][2:], rel=1e-9)
+    # the first resumed step starts from the saved weights and moments: its logit bias (read in the
+    # forward, before the step) is the one the unbroken run used at step 3
+    assert resumed[0]["contrastive/logit_bias"] == pytest.approx(original[2]["contrastive/logit_bias"], abs=1e-6)
+    worst, _ = max_diff(read_weights(saved), consolidated(run_dir))
+    assert worst > 0
 
 
 @pytest.fixture
@@ -254,10 +283,8 @@ def test_sharded_checkpoint_keys_are_checked_strictly_and_consolidate_without_a_
     import torch.distributed.checkpoint as dcp
 
     from tests.helpers import make_model
-    from vlpretrain.config import ConfigError
     from vlpretrain.models.weights import WeightMismatch
     from vlpretrain.objectives import build_objective_set
-    from vlpretrain.train.checkpoint import check_resume_format
     from vlpretrain.train.sharding import SHARDED_DIR, check_sharded_weights, read_sharded_weights
 
     objectives = build_objective_set(make_model(), [{"name": "contrastive", "loss": "siglip"}])
@@ -273,9 +300,6 @@ def test_sharded_checkpoint_keys_are_checked_strictly_and_consolidate_without_a_
     with pytest.raises(WeightMismatch, match=r"missing model.renamed; unexpected model.backbone.norm.weight; "
                                              r"wrong shape objectives.contrastive.logit_scale \(saved \(1,\), model \(\)\)"):
         check_sharded_weights(tmp_path, planted, "here")
-    check_resume_format(tmp_path, sharded=True)  # a sharded checkpoint resumes under FSDP ...
-    with pytest.raises(ConfigError, match="saved without FSDP"):  # ... one saved without FSDP does not
-        check_resume_format(tmp_path / "elsewhere", sharded=True)
 
 
 def test_fsdp_settings_come_from_the_launcher_and_unsupported_ones_are_refused(monkeypatch):

@@ -3,7 +3,8 @@
 ``run.dir/checkpoints/step_<N>/`` holds what Accelerate saves (model as safetensors, optimiser,
 scheduler, every process's RNG states) or, under FSDP, a ``torch.distributed.checkpoint`` folder
 ``sharded/`` of model and optimiser with ``scheduler.bin`` and each rank's ``rng_state_rank<R>.json``
-(:mod:`vlpretrain.train.sharding`); each rank's data-stream position (JSON), the trainer state
+(:mod:`vlpretrain.train.sharding`; either form resumes with or without FSDP, on any number of processes);
+each rank's data-stream position (JSON), the trainer state
 (JSON: step, samples seen, counters) and the resolved config. A folder is complete exactly when it
 carries the final name: a save killed half-way leaves only ``.step_<N>.tmp``, which resume ignores.
 Nothing here unpickles: Accelerate loads with ``weights_only=True``; our own files are JSON/YAML.
@@ -22,7 +23,7 @@ import torch
 from omegaconf import OmegaConf
 
 from vlpretrain.config import ConfigError
-from vlpretrain.train.sharding import is_sharded_checkpoint, load_sharded, save_sharded
+from vlpretrain.train.sharding import is_sharded_checkpoint, load_sharded, load_unsharded, save_sharded
 
 PREFIX = "step_"
 SCHEDULER_FILE = "scheduler.bin"  # the name Accelerate gives it too
@@ -92,15 +93,6 @@ class Trainables:
     sharded: bool  # FSDP2: saved with torch.distributed.checkpoint
 
 
-def check_resume_format(path: Path, sharded: bool) -> None:
-    """A clear error, before anything is written, for a checkpoint this run cannot restore: one saved
-    without FSDP (model.safetensors) resumed under FSDP. (A sharded one resumes anywhere.)"""
-    if sharded and not is_sharded_checkpoint(path):
-        raise ConfigError(f"cannot resume from {path} under FSDP: it was saved without FSDP (model.safetensors and an "
-                          f"unsharded optimiser). Resume it without FSDP (the accelerate config it was trained with), "
-                          f"or start a new run.dir with train.init_from={path} to take its weights only.")
-
-
 def save_checkpoint(accelerator, run_dir: str | Path, step: int, trainer_state: dict, data_state: dict | None,
                     config_yaml: str, keep_last: int, trainables: Trainables | None = None) -> Path:
     """Write checkpoint ``step`` atomically (all ranks call this) and keep the newest ``keep_last``."""
@@ -141,8 +133,9 @@ def load_checkpoint(accelerator, path: Path, trainables: Trainables | None = Non
         if trainables is None:
             raise ConfigError(f"{path} is a sharded (FSDP) checkpoint; pass the trainables to restore it into.")
         _load_sharded_state(accelerator, path, trainables)
+    elif trainables is not None and trainables.sharded:  # saved without FSDP, resumed under it
+        _load_unsharded_into_sharded(accelerator, path, trainables)
     else:
-        check_resume_format(path, trainables is not None and trainables.sharded)
         accelerator.load_state(str(path))
     trainer_state = json.loads((path / TRAINER_STATE).read_text())
     data_file = path / f"data_state_rank{accelerator.process_index}.json"
@@ -170,6 +163,25 @@ def _load_sharded_state(accelerator, folder: Path, trainables: Trainables) -> No
     else:
         print(f"[rank {accelerator.process_index}] {folder} holds no random state for this rank (saved with fewer "
               f"processes): its random draws start from its own seed")
+
+
+def _load_unsharded_into_sharded(accelerator, folder: Path, trainables: Trainables) -> None:
+    """Accelerate's files (model.safetensors, optimizer.bin, scheduler.bin, random_states_R.pkl) into the
+    sharded module and optimiser."""
+    from accelerate.utils import load as accelerate_load
+
+    load_unsharded(folder, trainables.module, _inner(trainables.optimizer))
+    trainables.scheduler.load_state_dict(torch.load(folder / SCHEDULER_FILE, weights_only=True))
+    rng = folder / f"random_states_{accelerator.process_index}.pkl"
+    if rng.is_file():
+        import numpy as np
+
+        states = accelerate_load(rng)
+        random.setstate(states["random_state"])
+        np.random.set_state(states["numpy_random_seed"])
+        torch.set_rng_state(states["torch_manual_seed"])
+        if "torch_cuda_manual_seed" in states and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(states["torch_cuda_manual_seed"])
 
 
 def _inner(optimizer):

@@ -31,8 +31,7 @@ from vlpretrain.models.weights import load_strict
 from vlpretrain.objectives import build_objective_set
 from vlpretrain.train.accumulate import accumulate_backward, backward
 from vlpretrain.train.checkpoint import (
-    Trainables, check_compatible, check_resume_format, complete_checkpoints, load_checkpoint, resolve_resume,
-    save_checkpoint)
+    Trainables, check_compatible, complete_checkpoints, load_checkpoint, resolve_resume, save_checkpoint)
 from vlpretrain.train.flops import FlopCounter, device_peak_flops
 from vlpretrain.train.host_reads import LaggedReadback, step_unless
 from vlpretrain.layers.precision import emulates, emulation_note, low_precision_context
@@ -240,7 +239,6 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
         model = VLModel(VLConfig.from_model_config(cfg.model))
     if resume is not None:
         check_compatible(resume, cfg.model)
-        check_resume_format(resume, sharded=fsdp is not None)
     stream = ShardStream(cfg.data, "train", batch_size=micro, image_size=cfg.model.image_size,
                          context_length=cfg.model.max_text_len, tokenizer=tokenizer, rank=rank,
                          world_size=world, seed=cfg.run.seed, pin_memory=accelerator.device.type == "cuda",

@@ -37,7 +37,8 @@ Many processes: FSDP2
   DCP reshards on load, so a run saved with N processes resumes with M, under FSDP or without it (a
   plain single process, or DDP, loads the full tensors). :func:`read_sharded_weights` consolidates the
   weights in one process without a process group (export, eval, ``train.init_from``). A checkpoint saved
-  without FSDP (``model.safetensors``) does not resume under FSDP: a clear error says so.
+  without FSDP (Accelerate's ``model.safetensors``, ``optimizer.bin``) resumes under FSDP too:
+  :func:`load_unsharded` gives every rank the full tensors, of which it keeps its shard.
 - Measured (tests/test_fsdp.py, 2 CPU processes, debug model, 4 steps, fp32): FSDP2 with 2 micro-batches
   per rank vs one process on the doubled batch, losses equal to 1e-5 and weights to 8.5e-7; FSDP2 vs DDP
   with the same random draws (MAE masks), weights to 2.8e-7. Not run here: torch.compile over the
@@ -245,18 +246,58 @@ def _weight_metadata(folder: Path) -> dict[str, Any]:
 def check_sharded_weights(folder: Path, expected: dict[str, tuple], source: str) -> None:
     """A :class:`WeightMismatch` naming every key of ``expected`` (name -> shape) that the sharded
     checkpoint lacks or holds in another shape, and every weight it holds beyond them."""
+    check_weight_keys({k: tuple(v.size) for k, v in _weight_metadata(folder).items()}, expected, source)
+
+
+def check_weight_keys(saved: dict[str, tuple], expected: dict[str, tuple], source: str) -> None:
+    """A :class:`WeightMismatch` naming the missing, unexpected and wrong-shape keys of ``saved``
+    (name -> shape) against ``expected``."""
     from vlpretrain.models.weights import WeightMismatch, _named
 
-    saved = {k: tuple(v.size) for k, v in _weight_metadata(folder).items()}
     missing = sorted(set(expected) - set(saved))
     unexpected = sorted(set(saved) - set(expected))
     shapes = sorted(f"{k} (saved {saved[k]}, model {expected[k]})" for k in expected if k in saved and saved[k] != expected[k])
     if missing or unexpected or shapes:
         parts = [f"missing {_named(missing)}" if missing else "", f"unexpected {_named(unexpected)}" if unexpected else "",
                  f"wrong shape {_named(shapes)}" if shapes else ""]
-        raise WeightMismatch(f"the sharded weights of {source} do not match the model and objectives they are loaded "
+        raise WeightMismatch(f"the weights of {source} do not match the model and objectives they are loaded "
                              f"into: {'; '.join(p for p in parts if p)}. Resume with the config the run was trained "
                              f"with; nothing was loaded.")
+
+
+def load_unsharded(folder: Path, module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """A checkpoint saved without FSDP (Accelerate's ``model.safetensors`` and ``optimizer.bin``) into a
+    sharded ``module`` and its optimiser: every rank reads the full tensors and keeps its shard. Weights
+    a save left out because they are tied (the ``lm_head``) are taken from the weight they are tied to."""
+    from accelerate.utils import load as accelerate_load  # torch.load(weights_only=True), numpy allowed
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    weights = load_file(str(folder / "model.safetensors"))
+    for names in _tied_names(module):
+        present = [n for n in names if n in weights]
+        for name in names if present else ():
+            weights.setdefault(name, weights[present[0]])
+    check_weight_keys({k: tuple(v.shape) for k, v in weights.items()},
+                      {k: tuple(v.shape) for k, v in fsdp_root(module).state_dict().items()}, f"checkpoint '{folder}'")
+    saved = accelerate_load(folder / "optimizer.bin", map_location="cpu")
+    name_of = {id(p): n for n, p in module.named_parameters()}
+    order = [name_of[id(p)] for group in optimizer.param_groups for p in group["params"]]  # the optimiser's indices
+    if sum(len(g["params"]) for g in saved["param_groups"]) != len(order):
+        raise ConfigError(f"{folder}/optimizer.bin holds {sum(len(g['params']) for g in saved['param_groups'])} "
+                          f"parameters, this run's optimiser {len(order)}: resume with the config it was trained with.")
+    optim = {"state": {order[i]: state for i, state in saved["state"].items()},
+             "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in saved["param_groups"]]}
+    set_state_dict(module, optimizer, model_state_dict=weights, optim_state_dict=optim,
+                   options=StateDictOptions(full_state_dict=True))
+
+
+def _tied_names(module: nn.Module) -> list[list[str]]:
+    """Groups of state-dict names that are one parameter (e.g. the lm_head tied to the text embedding)."""
+    names: dict[int, list[str]] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    return [group for group in names.values() if len(group) > 1]
 
 
 def read_sharded_weights(folder: str | Path) -> dict[str, torch.Tensor]:
