@@ -195,16 +195,17 @@ def test_two_process_fsdp_checkpoint_resumes_in_one_plain_process(runs, tmp_path
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in resumed) and worst > 0  # it trains on
 
 
-def resume_elsewhere(source: Path, step: int, tmp_path: Path, *overrides: str) -> tuple[Path, Path]:
+def resume_elsewhere(source: Path, step: int, tmp_path: Path, *overrides: str, same_world: bool = False
+                     ) -> tuple[Path, Path]:
     """A copy of ``source``'s checkpoint ``step`` and a config of the same run in a new run.dir: (checkpoint,
     config). Until the data position is saved world-size independent, a per-rank one cannot move to
-    another number of processes: the copy leaves it out and the resumed run reads its data afresh
-    (these tests are about model, optimiser, schedule and step)."""
+    another number of processes: unless ``same_world``, the copy leaves it out and the resumed run reads
+    its data afresh (those tests are about model, optimiser, schedule and step)."""
     from omegaconf import OmegaConf
 
     saved = tmp_path / f"step_{step}"
     shutil.copytree(source / "checkpoints" / f"step_{step}", saved)
-    for per_rank in saved.glob("data_state_rank*.json"):
+    for per_rank in [] if same_world else saved.glob("data_state_rank*.json"):
         per_rank.unlink()
     cfg = OmegaConf.merge(OmegaConf.load(source / "config.yaml"),
                           OmegaConf.from_dotlist([f"run.dir={tmp_path / 'resumed'}", *overrides]))
@@ -230,6 +231,23 @@ def test_one_process_checkpoint_resumes_under_fsdp_on_two(runs, tmp_path):
     assert resumed[0]["contrastive/logit_bias"] == pytest.approx(original[2]["contrastive/logit_bias"], abs=1e-6)
     worst, _ = max_diff(read_weights(saved), consolidated(run_dir))
     assert worst > 0
+
+
+@pytest.mark.slow
+def test_fsdp_resume_on_the_same_processes_continues_the_run_exactly(runs, tmp_path):
+    # model and optimiser shards, scheduler, each rank's RNG (its MAE masks) and data position: the
+    # resumed steps 3-4 are the unbroken run's
+    source = runs["a_fsdp"]
+    saved, cfg = resume_elsewhere(source, 2, tmp_path, "train.export=false", same_world=True)
+    finish(launch(cfg, "fsdp", "--resume", str(saved)))
+    run_dir = tmp_path / "resumed"
+    resumed, original = records(run_dir), records(source)
+    assert [r["step"] for r in resumed] == [3, 4]
+    for key in ("loss", "loss/masked_image", "lr"):
+        assert [r[key] for r in resumed] == [r[key] for r in original][2:], key
+    worst, where = max_diff(consolidated(source), consolidated(run_dir))
+    print(f"FSDP resumed at step 2 vs unbroken: max abs diff {worst:.2e} at {where}")
+    assert worst <= 1e-6, where
 
 
 @pytest.fixture
