@@ -2,8 +2,10 @@
 
 Reads ``cases.pt`` from the folder given as argument (initial state dicts, the global batch and
 each case's objectives, dtype and micro-batch count), trains one step per case through
-``accelerator.prepare`` (DDP) on this rank's half of the batch, and writes every parameter's
-gradient after DDP's all-reduce to ``grads_rank{r}.pt``.
+``accelerator.prepare`` (DDP) and again sharded by the trainer's FSDP2 path
+(:func:`vlpretrain.train.sharding.shard`), on this rank's half of the batch, and writes every
+parameter's gradient after DDP's all-reduce / FSDP's reduce-scatter (gathered whole) to
+``grads_rank{r}.pt`` (FSDP's under ``fsdp/<case>``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from objectives_support import grads_of, make_model
 from vlpretrain.objectives import build_objective_set
 from vlpretrain.objectives.distributed import world
 from vlpretrain.train.accumulate import accumulate_backward
+from vlpretrain.train.sharding import FsdpSettings, shard
 
 
 def main(folder: Path) -> None:
@@ -29,10 +32,10 @@ def main(folder: Path) -> None:
     per_rank = batch["input_ids"].shape[0] // size
     local = {k: v[rank * per_rank:(rank + 1) * per_rank] for k, v in batch.items()}
     results = {"world_size": size, "backend": torch.distributed.get_backend()}
-    for name, case in data["cases"].items():
+    for (name, case), fsdp in [(item, fsdp) for fsdp in (False, True) for item in data["cases"].items()]:
         objectives = build_objective_set(make_model(), case["entries"]).to(case["dtype"])
         objectives.load_state_dict(case["state"])
-        wrapped = accelerator.prepare(objectives)
+        wrapped = shard(objectives, accelerator.device, FsdpSettings()) if fsdp else accelerator.prepare(objectives)
         if case["micro_batches"] == 1:
             out = wrapped(local)
             accelerator.backward(out.loss)
@@ -40,7 +43,12 @@ def main(folder: Path) -> None:
             k = case["micro_batches"]
             parts = [dict(zip(local, vals)) for vals in zip(*(v.chunk(k) for v in local.values()))]
             out = accumulate_backward(wrapped, parts, accelerator=accelerator)
-        results[name] = {"grads": grads_of(accelerator.unwrap_model(wrapped)), "loss": out.loss.detach()}
+        if fsdp:
+            grads = {n: g.full_tensor() if hasattr(g, "full_tensor") else g for n, g in grads_of(wrapped).items()}
+            results[f"fsdp/{name}"] = {"grads": grads, "loss": out.loss.detach(),
+                                       "sharded": type(wrapped.objectives["contrastive"].logit_scale).__name__}
+        else:
+            results[name] = {"grads": grads_of(accelerator.unwrap_model(wrapped)), "loss": out.loss.detach()}
     torch.save(results, folder / f"grads_rank{rank}.pt")
 
 

@@ -1,6 +1,8 @@
-"""Real multi-process contrastive gradients: 2 gloo processes (torchrun + Accelerate DDP) give every
-parameter the gradient one process computes on the concatenated batch, for clip and siglip, in a
-plain step and with exact accumulation (2 micro-batches per rank). One launch checks all cases.
+"""Real multi-process contrastive gradients: 2 gloo processes (torchrun + Accelerate DDP, and the
+trainer's FSDP2 sharding) give every parameter the gradient one process computes on the concatenated
+batch, for clip and siglip, in a plain step and with exact accumulation (2 micro-batches per rank;
+under FSDP2 the logit scale's gradient then comes from outside the forward, on gathered parameters).
+One launch checks all cases.
 
 The runs are in float64 and held to 1e-10 (stricter than the 1e-5 asked), so the comparison
 measures the maths (a missing or doubled gradient term is O(1)), not fp32 summation order, which
@@ -57,5 +59,8 @@ def test_two_processes_match_one_process_on_the_concatenated_batch(tmp_path):
         for r in ranks:
             worst, where = max_grad_diff(reference[name], r[name]["grads"])
             assert worst < 1e-10, f"{name}: rank grads differ from one process by {worst:.2e} at {where}"
+            assert r[f"fsdp/{name}"]["sharded"] == "DTensor"
+            worst, where = max_grad_diff(reference[name], r[f"fsdp/{name}"]["grads"])
+            assert worst < 1e-10, f"{name} under FSDP2: grads differ from one process by {worst:.2e} at {where}"
         scale = reference[name]["objectives.contrastive.logit_scale"]
         assert float(scale.abs()) > 1e-4  # the temperature's gradient is part of the comparison

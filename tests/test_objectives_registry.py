@@ -98,6 +98,8 @@ def test_logit_scale_init_clamp_and_fp32():
                     for loss in ("clip", "siglip"))
     assert abs(float(clip.logit_scale) - math.log(1 / 0.07)) < 1e-6 and clip.logit_bias is None
     assert abs(float(siglip.logit_scale) - math.log(10)) < 1e-6 and float(siglip.logit_bias) == -10.0
+    # 1-element tensors, not 0-d scalars: FSDP2 shards every parameter and refuses 0-d ones
+    assert clip.logit_scale.shape == siglip.logit_bias.shape == (1,)
     assert siglip.no_weight_decay() == {"logit_scale", "logit_bias"}
     objectives = build_objective_set(model, [{"name": "contrastive"}])
     clip = objectives.objectives["contrastive"]
@@ -106,8 +108,11 @@ def test_logit_scale_init_clamp_and_fp32():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = objectives(random_batch(batch=3))
     assert out.loss.dtype == torch.float32 and clip.logit_scale.dtype == torch.float32
-    assert abs(float(out.metrics["contrastive/logit_scale"]) - 100.0) < 1e-3
-    assert abs(float(clip.logit_scale) - math.log(100.0)) < 1e-6  # the parameter itself is clamped
+    # forward reads the parameter and never changes it (under FSDP it would change a gathered copy) ...
+    assert abs(float(out.metrics["contrastive/logit_scale"]) - 500.0) < 1e-2
+    assert abs(float(clip.logit_scale) - math.log(500.0)) < 1e-6
+    clip.after_optimizer_step()  # ... the trainer's hook after each optimiser step clamps it
+    assert abs(float(clip.logit_scale) - math.log(100.0)) < 1e-6
     names = dict(objectives.named_parameters())
     assert {"objectives.contrastive.logit_scale", "model.backbone.pos_embed"} <= objectives.no_weight_decay()
     assert objectives.no_weight_decay() <= set(names) | {"model.backbone.text_embed.weight"}
@@ -158,3 +163,11 @@ def test_registration_mistakes_are_refused():
         @register_objective("contrastive")
         class _Clash(Objective):
             pass
+
+
+def test_checkpoints_with_0d_logit_scale_and_bias_load_reshaped():
+    siglip = build_objectives([{"name": "contrastive", "loss": "siglip"}], make_model().config)[0]
+    siglip.load_state_dict({"logit_scale": torch.tensor(2.5), "logit_bias": torch.tensor(-3.0)})  # the old 0-d form
+    assert siglip.logit_scale.shape == (1,) and float(siglip.logit_scale) == 2.5 and float(siglip.logit_bias) == -3.0
+    with pytest.raises(RuntimeError, match="size mismatch for logit_scale"):  # any other shape stays an error
+        siglip.load_state_dict({"logit_scale": torch.zeros(2), "logit_bias": torch.zeros(1)})

@@ -34,7 +34,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if config:
         cmd += ["--config_file", config]
     cmd += ["-m", "vlpretrain.train", *args.train_args]
-    return subprocess.call(cmd)
+    return subprocess.call(cmd, env=_launch_env(config))
+
+
+def _launch_env(config: str) -> dict[str, str]:
+    """The launcher's environment. A config with ``use_cpu: true`` and several processes (DDP or FSDP
+    on CPUs) needs ``ACCELERATE_USE_CPU=true`` in its processes: accelerate's multi-process launcher
+    does not pass the file's use_cpu on, and without it each process trains alone."""
+    import os
+
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    env = dict(os.environ)
+    if load_config_from_file(config).use_cpu:
+        env["ACCELERATE_USE_CPU"] = "true"
+    return env
 
 
 def build_parser() -> argparse.ArgumentParser:

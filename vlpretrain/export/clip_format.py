@@ -8,8 +8,9 @@ Expressible when the model has no modality experts (CLIP's towers have one norm/
   ``norm_pre``; ``post_layernorm`` = ``norm`` (applied to the cls token only, per-token anyway).
 - text: ``token_embedding`` = ``text_embed``; ``position_embedding`` = ``text_pos_embed`` + text modality
   embedding; the first ``text_embed_depth`` blocks (0: all); ``final_layer_norm`` = ``norm``; causal.
-- both towers get copies of the shared blocks (``qkv`` split into ``q/k/v_proj``); projections and
-  ``logit_scale`` (the checkpoint's ``objectives.contrastive.logit_scale``, else ln(1/0.07)) as is.
+- both towers get copies of the shared blocks (``qkv`` split into ``q/k/v_proj``); projections as is;
+  ``logit_scale`` is the checkpoint's ``objectives.contrastive.logit_scale`` (a 1-element tensor in
+  training, a 0-d scalar in CLIP), else ln(1/0.07).
 
 Pooling: ``CLIPTextTransformer`` pools at the first ``eos_token_id`` unless that id is 2, where it
 keeps the legacy rule (the position of the largest id). Our EOS is 2, so the export moves EOS to the

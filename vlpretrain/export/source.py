@@ -1,10 +1,12 @@
 """Load what an export starts from: a trainer checkpoint (``checkpoints/step_N``) or a model folder.
 
 A checkpoint holds Accelerate's ``model.safetensors`` of the objective set (``model.*`` for the
-VLModel, ``objectives.<name>.*`` for objective parameters such as the contrastive logit scale),
-``config.yaml`` (the resolved experiment), ``trainer_state.json`` and ``manifest.json`` (its files, checked
-before anything is read, and the run's processor folder: the tokenizer it was trained with, never
-``data.tokenizer``). Every weight is loaded strictly, from either source. A model folder is what
+VLModel, ``objectives.<name>.*`` for objective parameters such as the contrastive logit scale), or
+under FSDP a ``sharded/`` torch.distributed.checkpoint folder with the same keys (consolidated here,
+in one process, without a process group or GPU), ``config.yaml`` (the resolved experiment),
+``trainer_state.json`` and ``manifest.json`` (its files, checked before anything is read, and the run's
+processor folder: the tokenizer it was trained with, never ``data.tokenizer``). Every weight is loaded
+strictly, from either source. A model folder is what
 ``VLModel.save_pretrained`` + ``VLProcessor.save_pretrained`` write (the trainer's ``run.dir/model``
 or an ``hf`` export). Nothing here unpickles: weights come from safetensors, or from a ``.bin`` file
 through ``torch.load(weights_only=True)``, which refuses anything but tensors and plain containers.
@@ -38,7 +40,7 @@ class TrainingInfo:
     steps: int | None = None
     samples_seen: int | None = None
     eval: dict[str, float] = field(default_factory=dict)
-    logit_scale: float | None = None  # log of the contrastive temperature's inverse, as CLIP stores it
+    logit_scale: float | None = None  # log of the contrastive temperature's inverse, as CLIP stores it (a scalar)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items()}
@@ -52,9 +54,15 @@ class LoadedModel:
 
 
 def read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """The tensors of ``folder/model.safetensors`` (or ``pytorch_model.bin``, loaded weights-only)."""
+    """The full weights in ``folder`` as CPU tensors: ``model.safetensors``, a sharded (FSDP) checkpoint's
+    ``sharded/`` folder consolidated in this process, or ``pytorch_model.bin`` (loaded weights-only)."""
     from safetensors.torch import load_file
 
+    from vlpretrain.train.sharding import is_sharded_checkpoint, read_sharded_weights
+
+    folder = Path(folder)
+    if is_sharded_checkpoint(folder):
+        return read_sharded_weights(folder)
     if (folder / "model.safetensors").is_file():
         return load_file(str(folder / "model.safetensors"))
     if (folder / "pytorch_model.bin").is_file():
@@ -63,8 +71,9 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
         except Exception as exc:  # weights_only refuses arbitrary pickles: say so instead of running them
             raise ValueError(f"{folder / 'pytorch_model.bin'} is not a plain tensor file ({exc}); it will not be "
                              "unpickled. Re-save it as safetensors.") from exc
-    raise IncompleteCheckpoint(f"'{folder}' has no model.safetensors (nor pytorch_model.bin): the checkpoint is "
-                               "incomplete. Pick a complete checkpoints/step_N folder or an exported model folder.")
+    raise IncompleteCheckpoint(f"'{folder}' has no model.safetensors (nor a sharded/ checkpoint folder, nor "
+                               "pytorch_model.bin): the checkpoint is incomplete. Pick a complete checkpoints/step_N "
+                               "folder or an exported model folder.")
 
 
 def is_checkpoint(path: Path) -> bool:
@@ -106,7 +115,7 @@ def _from_checkpoint(path: Path) -> LoadedModel:
                         data=str(cfg.data.train), steps=state_json.get("step"),
                         samples_seen=state_json.get("samples_seen"), eval=_eval_figures(path.parent.parent,
                                                                                          state_json.get("step")),
-                        logit_scale=float(scale) if scale is not None else None)
+                        logit_scale=float(scale.reshape(())) if scale is not None else None)  # (1,) or 0-d
     return LoadedModel(model, processor, info)
 
 

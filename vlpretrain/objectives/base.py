@@ -94,6 +94,12 @@ class Objective(nn.Module):
         """Names of this objective's parameters to keep out of weight decay."""
         return set()
 
+    def after_optimizer_step(self) -> None:
+        """Called by the trainer after each optimiser step (also a skipped, non-finite one), outside any
+        forward: the place to constrain parameters in place (e.g. clamp a temperature). Under FSDP the
+        parameters here are the real, sharded ones; a change made inside ``forward`` would land on a
+        gathered copy and be lost. No-op by default."""
+
     def error(self, what: str, fix: str) -> ValueError:
         """A ValueError naming this objective, what went wrong and the fix."""
         return ValueError(f"objective '{self.name}': {what}; {fix}.")

@@ -6,6 +6,10 @@ image tokens and the unimodal text at ``text_embed_depth``), so they are ``encod
 gathered so that gradients flow back to their owner (:mod:`vlpretrain.objectives.distributed`);
 DDP's gradient average then gives the gradient of the whole batch. The temperature and the bias
 are fp32 parameters of this objective, out of weight decay; the loss is computed in fp32 (or fp64).
+Both are 1-element tensors (shape (1,)), not 0-d scalars, so FSDP2 can shard them like every other
+parameter; checkpoints written with 0-d scalars load (reshaped), and exports map them back to scalars.
+The logit scale is clamped to ``max_logit_scale`` on the parameter after each optimiser step
+(:meth:`Contrastive.after_optimizer_step`), never inside ``forward``.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ class ContrastiveConfig(ObjectiveConfig):
     logit_bias_init: float | None = None
     """Initial logit bias; None: -10 for siglip and no bias for clip (a number gives clip a learnable bias)."""
     max_logit_scale: float = 100.0
-    """Largest logit scale s; t is clamped to ln of it before use, as CLIP does."""
+    """Largest logit scale s; t is clamped to ln of it after every optimiser step, as CLIP does."""
     chunk_size: int = 0
     """siglip only: logit columns evaluated at once, recomputed in backward to bound memory (0: all)."""
 
@@ -71,26 +75,30 @@ class Contrastive(CoupledObjective):
             "the learnable logit scale t or bias is not finite, so training diverged",
             "resume from the last good checkpoint with a lower learning rate or more warmup, "
             "and keep logit_scale/logit_bias out of weight decay (no_weight_decay())"))
-        self.logit_scale = nn.Parameter(torch.tensor(min(scale_init, self.max_log_scale), dtype=torch.float32))
-        self.logit_bias = (nn.Parameter(torch.tensor(bias_init, dtype=torch.float32))
+        self.logit_scale = nn.Parameter(torch.tensor([min(scale_init, self.max_log_scale)], dtype=torch.float32))
+        self.logit_bias = (nn.Parameter(torch.tensor([bias_init], dtype=torch.float32))
                            if bias_init is not None else None)
+        self.register_load_state_dict_pre_hook(_scalars_as_one_element)
 
     def no_weight_decay(self) -> set[str]:
         return {"logit_scale", "logit_bias"} if self.logit_bias is not None else {"logit_scale"}
 
-    def scale(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """s = exp(t) in ``dtype``, t clamped to ln(max_logit_scale); a non-finite t (or bias) is a clear error.
-
-        Both stay on the device: the clamp acts on the parameter itself (as CLIP does, so t can come back
-        down) and the check is an asynchronous assert, so no step waits for the host to read t (inside
-        torch.compile's graphs the assert is left out; the trainer's non-finite loss count still stops a run)."""
-        if not torch.compiler.is_compiling():
-            finite = torch.isfinite(self.logit_scale.detach())
-            if self.logit_bias is not None:
-                finite = finite & torch.isfinite(self.logit_bias.detach())
-            torch._assert_async(finite, self.diverged_message)
+    def after_optimizer_step(self) -> None:
+        """Clamp t to ln(max_logit_scale) on the parameter itself (as CLIP does, so t can come back down).
+        Under FSDP each rank clamps its shard of the real parameter; nothing is read on the host."""
         with torch.no_grad():
             self.logit_scale.clamp_(max=self.max_log_scale)
+
+    def scale(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """s = exp(t) in ``dtype``, shape (1,); a non-finite t (or bias) is a clear error.
+
+        The check is an asynchronous assert on the device, so no step waits for the host to read t (inside
+        torch.compile's graphs it is left out; the trainer's non-finite loss count still stops a run)."""
+        if not torch.compiler.is_compiling():
+            finite = torch.isfinite(self.logit_scale.detach()).all()
+            if self.logit_bias is not None:
+                finite = finite & torch.isfinite(self.logit_bias.detach()).all()
+            torch._assert_async(finite, self.diverged_message)
         return self.logit_scale.to(dtype).exp()
 
     def embed(self, model: nn.Module, batch: dict, shared: SharedFeatures) -> dict[str, torch.Tensor]:
@@ -111,7 +119,16 @@ class Contrastive(CoupledObjective):
             else:
                 loss = siglip_loss(image, all_text, scale, bias, offset, self.cfg.chunk_size)
         i2t, t2i = retrieval_accuracy(image, text)
-        metrics = {"logit_scale": scale.detach(), "i2t_acc": i2t, "t2i_acc": t2i}
+        metrics = {"logit_scale": scale.detach().reshape(()), "i2t_acc": i2t, "t2i_acc": t2i}  # scalars
         if bias is not None:
-            metrics["logit_bias"] = bias.detach()
+            metrics["logit_bias"] = bias.detach().clone().reshape(())  # a copy: the parameter changes at the step
         return ObjectiveOutput(loss, metrics)
+
+
+def _scalars_as_one_element(module, state_dict, prefix, *args) -> None:
+    """Checkpoints from before the logit scale and bias were 1-element tensors hold them as 0-d
+    scalars: reshaped to (1,) on load (any other shape is left for the strict load to report)."""
+    for name in ("logit_scale", "logit_bias"):
+        value = state_dict.get(prefix + name)
+        if isinstance(value, torch.Tensor) and value.ndim == 0:
+            state_dict[prefix + name] = value.reshape(1)

@@ -13,7 +13,10 @@ one micro-batch: k micro-batches of b are not a batch of k*b. Here they are (Gao
 
 Random draws (patch dropout, masking) are replayed: each micro-batch's recompute starts from the
 RNG state its no-grad pass started from. Under DDP / Accelerate, the recompute of every micro-batch
-but the last runs under ``no_sync``, so gradients are all-reduced once. Per-example-mean losses are
+but the last runs under ``no_sync``, so gradients are all-reduced once; under FSDP2 under
+``set_requires_gradient_sync(False)``, so they are reduce-scattered once. Under FSDP2, step 2 runs
+outside the forward, where the parameters are shards: the root's parameters (the objectives' own,
+such as the logit scale) are gathered for it, so their gradient is the full, exact one. Per-example-mean losses are
 exact; token-mean losses (captioning, masked_text) are averaged per micro-batch and weighted by
 examples, which is the same approximation DDP makes across ranks.
 """
@@ -27,6 +30,7 @@ from typing import Any
 import torch
 
 from vlpretrain.objectives.combine import GradCache, ObjectiveSet, ObjectiveSetOutput
+from vlpretrain.train.sharding import full_root_parameters, gradient_sync_off, is_sharded
 
 
 def _unwrap(module: Any) -> ObjectiveSet:
@@ -104,18 +108,10 @@ def accumulate_backward(module: Any, micro_batches: Sequence[dict], accelerator:
     # 2. the coupled losses on the whole set: gradients of every embedding row and of own parameters
     result = ObjectiveSetOutput(losses={}, metrics={})
     embedding_grads, param_grads, report = {}, {}, 0.0
+    with full_root_parameters(inner):
+        _coupled_losses(coupled, pieces, result, embedding_grads, param_grads)
     for key, obj in coupled.items():
-        leaves = {name: torch.cat(parts).detach().requires_grad_() for name, parts in pieces[key].items()}
-        res = obj.loss_from_embeddings(leaves)
-        params = [(n, p) for n, p in obj.named_parameters() if p.requires_grad]
-        with torch.autocast(res.loss.device.type, enabled=False):  # see backward()
-            grads = torch.autograd.grad(obj.weight * res.loss, list(leaves.values()) + [p for _, p in params],
-                                        allow_unused=True)
-        embedding_grads[key] = {n: g for n, g in zip(leaves, grads[:len(leaves)]) if g is not None}
-        param_grads[key] = {n: g for (n, _), g in zip(params, grads[len(leaves):]) if g is not None}
-        result.losses[key] = res.loss.detach()
-        result.metrics.update({f"{key}/{m}": v.detach() for m, v in res.metrics.items()})
-        report = report + obj.weight * res.loss.detach()
+        report = report + obj.weight * result.losses[key]
 
     # 3. recompute each micro-batch with gradients; all-reduce only on the last
     for i, batch in enumerate(micro_batches):
@@ -126,6 +122,8 @@ def accumulate_backward(module: Any, micro_batches: Sequence[dict], accelerator:
                           param_grads if last else {}, sizes[i] / total)
         if last:
             sync = contextlib.nullcontext()
+        elif is_sharded(module):
+            sync = gradient_sync_off(module)
         elif accelerator is not None:
             sync = accelerator.no_sync(module)
         else:
@@ -141,3 +139,21 @@ def accumulate_backward(module: Any, micro_batches: Sequence[dict], accelerator:
             result.metrics[name] = result.metrics.get(name, 0.0) + value * cache.share
     result.loss = torch.as_tensor(report)
     return result
+
+
+def _coupled_losses(coupled: dict, pieces: dict, result: ObjectiveSetOutput, embedding_grads: dict,
+                    param_grads: dict) -> None:
+    """Step 2: each coupled loss on the whole set of cached embeddings; fills its loss and metrics into
+    ``result``, and the gradients of every embedding row and of its own parameters."""
+    for key, obj in coupled.items():
+        leaves = {name: torch.cat(parts).detach().requires_grad_() for name, parts in pieces[key].items()}
+        res = obj.loss_from_embeddings(leaves)
+        params = [(n, p) for n, p in obj.named_parameters() if p.requires_grad]
+        with torch.autocast(res.loss.device.type, enabled=False):  # see backward()
+            grads = torch.autograd.grad(obj.weight * res.loss, list(leaves.values()) + [p for _, p in params],
+                                        allow_unused=True)
+        embedding_grads[key] = {n: g for n, g in zip(leaves, grads[:len(leaves)]) if g is not None}
+        param_grads[key] = {n: g for (n, _), g in zip(params, grads[len(leaves):]) if g is not None}
+        result.losses[key] = res.loss.detach()
+        # copies: a metric may be a view of a parameter (the logit bias), whose gathered storage FSDP frees next
+        result.metrics.update({f"{key}/{m}": v.detach().clone() for m, v in res.metrics.items()})

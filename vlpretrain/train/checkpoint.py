@@ -1,8 +1,11 @@
 """Checkpoints that survive anything: written to a hidden temporary folder and renamed when complete.
 
 ``run.dir/checkpoints/step_<N>/`` holds what Accelerate saves (model as safetensors, optimiser,
-scheduler, every process's RNG states), the data position (``data_state.json``: one file written by the
-main process from every rank's state, world-size independent; see data/README.md), the trainer state
+scheduler, every process's RNG states) or, under FSDP, a ``torch.distributed.checkpoint`` folder
+``sharded/`` of model and optimiser with ``scheduler.bin`` and each rank's ``rng_state_rank<R>.json``
+(:mod:`vlpretrain.train.sharding`; either form resumes with or without FSDP, on any number of processes);
+the data position (``data_state.json``: one file written by the main process from every rank's state,
+world-size independent; see data/README.md), the trainer state
 (JSON: step, samples seen, counters) and the resolved config. A folder is complete exactly when it
 carries the final name: a save killed half-way leaves only ``.step_<N>.tmp``, which resume ignores.
 Nothing here unpickles: Accelerate loads with ``weights_only=True``; our own files are JSON/YAML.
@@ -19,15 +22,20 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import OmegaConf
 
 from vlpretrain.config import ConfigError
+from vlpretrain.train.sharding import is_sharded_checkpoint, load_sharded, load_unsharded, save_sharded
 
 PREFIX = "step_"
+SCHEDULER_FILE = "scheduler.bin"  # the name Accelerate gives it too
 TRAINER_STATE = "trainer_state.json"
 CONFIG_FILE = "config.yaml"
 MANIFEST = "manifest.json"
@@ -92,8 +100,18 @@ def check_compatible(path: Path, model_cfg: Any) -> None:
                           f"config it was trained with, or start a new run.dir.")
 
 
+@dataclass
+class Trainables:
+    """What a checkpoint's model/optimiser part is saved from and restored into."""
+
+    module: Any  # the ObjectiveSet itself: FSDP2-sharded, or plain (not its DDP wrapper)
+    optimizer: Any  # as accelerate prepared it
+    scheduler: Any
+    sharded: bool  # FSDP2: saved with torch.distributed.checkpoint
+
+
 def save_checkpoint(accelerator, run_dir: str | Path, step: int, trainer_state: dict, stream,
-                    config_yaml: str, keep_last: int) -> Path:
+                    config_yaml: str, keep_last: int, trainables: Trainables | None = None) -> Path:
     """Write checkpoint ``step`` atomically (all ranks call this) and keep the newest ``keep_last``.
     ``stream``: the training ShardStream (or None), whose position is saved."""
     root = checkpoints_dir(run_dir)
@@ -102,7 +120,10 @@ def save_checkpoint(accelerator, run_dir: str | Path, step: int, trainer_state: 
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    if trainables is not None and trainables.sharded:
+        _save_sharded_state(accelerator, tmp, trainables)
+    else:
+        accelerator.save_state(str(tmp))
     if stream is not None:
         _save_data_position(accelerator, tmp, stream)
     accelerator.wait_for_everyone()
@@ -158,15 +179,12 @@ def check_data_position(path: Path, stream) -> None:
         stream.check_position(position, str(path / DATA_POSITION))
 
 
-def _seed_ranks_without_rng_state(accelerator, path: Path, step: int) -> None:
+def _seed_rank_without_rng_state(accelerator, path: Path, step: int) -> None:
     """A rank the checkpoint has no RNG state for (it was saved by fewer processes) is seeded from
     (run.seed, rank, step) instead of keeping whatever it held (Accelerate skips such a rank quietly)."""
     from accelerate.utils import set_seed
-    from accelerate.utils.constants import RNG_STATE_NAME
 
     rank = accelerator.process_index
-    if (path / f"{RNG_STATE_NAME}_{rank}.pkl").is_file():
-        return
     seed = int(OmegaConf.load(path / CONFIG_FILE).get("run", {}).get("seed", 0))
     digest = hashlib.sha256(f"rng/{seed}/{rank}/{step}".encode()).digest()
     set_seed(int.from_bytes(digest[:4], "little"))  # numpy takes seeds below 2**32
@@ -174,11 +192,28 @@ def _seed_ranks_without_rng_state(accelerator, path: Path, step: int) -> None:
           f"seeded from (run.seed, rank, step)", flush=True)
 
 
-def load_checkpoint(accelerator, path: Path) -> tuple[dict, dict | None]:
-    """Restore model/optimiser/scheduler/RNG into the prepared objects: (trainer state, the data position)."""
-    accelerator.load_state(str(path))
+def load_checkpoint(accelerator, path: Path, trainables: Trainables | None = None) -> tuple[dict, dict | None]:
+    """Restore model/optimiser/scheduler/RNG into the prepared objects: (trainer state, the data position).
+    A sharded checkpoint loads into ``trainables`` whatever the number of processes and with or without FSDP."""
+    from accelerate.utils.constants import RNG_STATE_NAME
+
+    rank = accelerator.process_index
+    if is_sharded_checkpoint(path):
+        if trainables is None:
+            raise ConfigError(f"{path} is a sharded (FSDP) checkpoint; pass the trainables to restore it into.")
+        _load_sharded_state(path, trainables)
+        rng_file = path / f"rng_state_rank{rank}.json"
+        if rng_file.is_file():
+            _set_rng_state(json.loads(rng_file.read_text()))
+    else:
+        if trainables is not None and trainables.sharded:  # saved without FSDP, resumed under it
+            _load_unsharded_into_sharded(accelerator, path, trainables)
+        else:
+            accelerator.load_state(str(path))
+        rng_file = path / f"{RNG_STATE_NAME}_{rank}.pkl"
     trainer_state = json.loads((path / TRAINER_STATE).read_text())
-    _seed_ranks_without_rng_state(accelerator, path, int(trainer_state["step"]))
+    if not rng_file.is_file():
+        _seed_rank_without_rng_state(accelerator, path, int(trainer_state["step"]))
     return trainer_state, read_data_position(path)
 
 
@@ -224,3 +259,68 @@ def checkpoint_processor(folder: Path) -> Path:
             f"checkpoint '{folder}' points to its run's processor at '{os.path.normpath(target)}', which has no "
             f"{CONFIG_NAME}. Move or copy the run folder whole (the checkpoint and run.dir/{RUN_PROCESSOR} together).")
     return target
+
+
+# ----------------------------------------------------------------------------------------------
+# the FSDP form: model and optimiser through torch.distributed.checkpoint, scheduler and RNG beside them
+
+
+def _save_sharded_state(accelerator, folder: Path, trainables: Trainables) -> None:
+    save_sharded(folder, trainables.module, _inner(trainables.optimizer))  # collective
+    if accelerator.is_main_process:
+        torch.save(trainables.scheduler.state_dict(), folder / SCHEDULER_FILE)
+    (folder / f"rng_state_rank{accelerator.process_index}.json").write_text(json.dumps(_rng_state()))
+
+
+def _load_sharded_state(folder: Path, trainables: Trainables) -> None:
+    load_sharded(folder, trainables.module, _inner(trainables.optimizer))
+    trainables.scheduler.load_state_dict(torch.load(folder / SCHEDULER_FILE, weights_only=True))
+
+
+def _load_unsharded_into_sharded(accelerator, folder: Path, trainables: Trainables) -> None:
+    """Accelerate's files (model.safetensors, optimizer.bin, scheduler.bin, random_states_R.pkl) into the
+    sharded module and optimiser."""
+    from accelerate.utils import load as accelerate_load
+
+    load_unsharded(folder, trainables.module, _inner(trainables.optimizer))
+    trainables.scheduler.load_state_dict(torch.load(folder / SCHEDULER_FILE, weights_only=True))
+    rng = folder / f"random_states_{accelerator.process_index}.pkl"
+    if rng.is_file():
+        import numpy as np
+
+        states = accelerate_load(rng)
+        random.setstate(states["random_state"])
+        np.random.set_state(states["numpy_random_seed"])
+        torch.set_rng_state(states["torch_manual_seed"])
+        if "torch_cuda_manual_seed" in states and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(states["torch_cuda_manual_seed"])
+
+
+def _inner(optimizer):
+    return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
+
+
+def _rng_state() -> dict:
+    """This process's random states (python, numpy, torch CPU and CUDA) as JSON-able values."""
+    import numpy as np
+
+    version, mt, gauss = random.getstate()
+    np_state = np.random.get_state(legacy=False)
+    state = {"python": [version, list(mt), gauss], "torch": torch.get_rng_state().tolist(),
+             "numpy": {**np_state, "state": {**np_state["state"], "key": np_state["state"]["key"].tolist()}}}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    import numpy as np
+
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    np_state = state["numpy"]
+    np.random.set_state({**np_state, "state": {**np_state["state"],
+                                                "key": np.asarray(np_state["state"]["key"], dtype=np.uint32)}})
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])

@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
 from accelerate.utils import set_seed
 
 from vlpretrain.config import CUDA_GRAPH_MODES, ConfigError, ExperimentConfig, to_yaml
@@ -32,13 +31,14 @@ from vlpretrain.models.weights import load_strict
 from vlpretrain.objectives import build_objective_set
 from vlpretrain.train.accumulate import accumulate_backward, backward
 from vlpretrain.train.checkpoint import (
-    check_data_position, complete_checkpoints, load_checkpoint, resolve_resume, save_checkpoint)
+    Trainables, check_data_position, complete_checkpoints, load_checkpoint, resolve_resume, save_checkpoint)
 from vlpretrain.train.integrity import check_resume, check_run_processor, run_tokenizer, save_run_processor
 from vlpretrain.train.flops import FlopCounter, device_peak_flops
 from vlpretrain.train.host_reads import LaggedReadback, step_unless
 from vlpretrain.layers.precision import emulates, emulation_note, low_precision_context
 from vlpretrain.train.metrics import MetricsLog, plot_curves
 from vlpretrain.train.optim import build_optimizer, build_scheduler
+from vlpretrain.train import sharding
 from vlpretrain.train.unused import ddp_record, decide_ddp
 
 
@@ -225,10 +225,12 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
     """Run the experiment ``cfg``; returns the summary also written to ``run.dir/summary.json``."""
     t = cfg.train
     run_dir = Path(cfg.run.dir)
+    fsdp = sharding.fsdp_from_launcher(t.precision)  # before the Accelerator: FSDP2 is applied here, on every device
     accelerator = Accelerator(
         mixed_precision=t.precision, log_with=t.trackers or None, project_dir=str(run_dir),
         step_scheduler_with_optimizer=False)  # DDP's kwargs: decide_ddp, once the objectives exist
     world, rank = accelerator.num_processes, accelerator.process_index
+    sharding.check_world(accelerator)
     if emulates(accelerator.device, t.precision):
         accelerator.print(emulation_note(t.precision))
     micro = _micro_batch_size(cfg, world)
@@ -258,10 +260,18 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
     processor = VLProcessor.from_data_config(cfg.data, cfg.model.image_size, cfg.model.max_text_len, tokenizer)
     check_resume(resume, cfg, objectives)  # every resume check before the first write into run.dir
     check_run_processor(run_dir, resume, processor)
-    unused = decide_ddp(accelerator, objectives)  # before prepare: it sets the DDP kwargs prepare uses
+    unused = None
+    if fsdp is None:
+        unused = decide_ddp(accelerator, objectives)  # before prepare: it sets the DDP kwargs prepare uses
+    else:  # sharded here, not by accelerate (sharding.py says why), before the optimiser takes the DTensors
+        module = sharding.shard(objectives, accelerator.device, fsdp)
     optimizer = build_optimizer(objectives, cfg.optim, accelerator.device)
     scheduler = build_scheduler(optimizer, cfg.optim, t.steps)
-    module, optimizer, scheduler = accelerator.prepare(objectives, optimizer, scheduler)
+    if fsdp is None:
+        module, optimizer, scheduler = accelerator.prepare(objectives, optimizer, scheduler)
+    else:
+        optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
+    trainables = Trainables(objectives, optimizer, scheduler, sharded=fsdp is not None)
     cuda_graphs = t.compile and t.compile_mode in CUDA_GRAPH_MODES
     if t.compile:
         module = torch.compile(module, options=compile_options(t.compile_mode))
@@ -280,7 +290,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
     accelerator.init_trackers(run_dir.name, config=_flat(cfg), init_kwargs=_tracker_kwargs(t.trackers, run_dir))
     state = _State()
     if resume is not None:  # last before the loop: it restores the RNG states the next step draws from
-        saved, data_position = load_checkpoint(accelerator, resume)
+        saved, data_position = load_checkpoint(accelerator, resume, trainables)
         state = _State(**saved)
         if data_position is not None:
             how = stream.load_position(data_position)
@@ -288,7 +298,8 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
     log = MetricsLog(run_dir, accelerator, resume_step=state.step if resume is not None else None)
 
     def checkpoint() -> Path:
-        return save_checkpoint(accelerator, run_dir, state.step, vars(state), stream, config_yaml, t.keep_last)
+        return save_checkpoint(accelerator, run_dir, state.step, vars(state), stream, config_yaml, t.keep_last,
+                               trainables)
 
     start, samples_at_start, step_at_start = time.perf_counter(), state.samples_seen, state.step
     progress = _progress(accelerator, state.step, t.steps)
@@ -335,6 +346,8 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
             else:
                 bad = bad | ~torch.isfinite(grad_norm)
                 step_unless(optimizer, bad)  # skipped on the device: no host read of the loss here
+            for objective in objectives.objectives.values():
+                objective.after_optimizer_step()  # e.g. the temperature clamp, on the real (sharded) parameter
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
@@ -401,7 +414,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
                "nonfinite_steps": state.nonfinite_total, "dropped_epoch_tails": state.dropped_tail,
                "skipped_samples": stream.skipped_by_reason(), "ddp": ddp_record(module, unused),
                "final_metrics": {k: v for k, v in (log.last or {}).items()}, "eval": state.eval,
-               "checkpoint": str(final)}
+               "checkpoint": str(final), "distributed": sharding.describe(module, accelerator)}
     model = _full_model(cfg, accelerator, module) if t.export and stopped_by is None else None
     if model is not None:
         summary["export"] = str(_export(model, processor, run_dir))
@@ -480,13 +493,14 @@ def _progress(accelerator, step: int, total: int):
                 dynamic_ncols=True, desc="train")
 
 
-def _full_model(cfg: ExperimentConfig, accelerator, module) -> VLModel | None:
-    """The trained VLModel whole, on the main process (None elsewhere). Every rank must call this:
-    under FSDP the shards are gathered into a fresh model; otherwise the wrapped model is unwrapped."""
-    if accelerator.distributed_type != DistributedType.FSDP:
-        return accelerator.unwrap_model(module).model if accelerator.is_main_process else None
-    state = accelerator.get_state_dict(module)  # collective: the full state dict lands on the main process
-    if not accelerator.is_main_process:
+def _full_model(cfg: ExperimentConfig, accelerator, module, every_rank: bool = False) -> VLModel | None:
+    """The trained VLModel whole, on the main process (None elsewhere; on every rank with ``every_rank``).
+    Every rank must call this: under FSDP the shards are gathered into a fresh model (strictly); otherwise
+    the wrapped model is unwrapped."""
+    if not sharding.is_sharded(module):
+        return accelerator.unwrap_model(module).model if accelerator.is_main_process or every_rank else None
+    state = sharding.gather_full_state(module, every_rank)  # collective
+    if not (accelerator.is_main_process or every_rank):
         return None
     model = VLModel(VLConfig.from_model_config(cfg.model))
     load_strict(model, {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")},
@@ -495,14 +509,15 @@ def _full_model(cfg: ExperimentConfig, accelerator, module) -> VLModel | None:
 
 
 def _evaluate(cfg: ExperimentConfig, accelerator, module, processor, log: MetricsLog, step: int) -> dict:
-    """Evaluation on data.val, every rank embedding its share (eval/during_training.py); the main process
-    gets the figures and logs them as eval/*. Every rank must call this."""
+    """Evaluation on data.val, every rank embedding its share (eval/during_training.py) with the whole model
+    (under FSDP a replica gathered for it); the main process gets the figures and logs them as eval/*.
+    Every rank must call this."""
     if not cfg.data.val:
         return {}
     captioning = any(entry["name"] == "captioning" for entry in cfg.objectives)
     with low_precision_context(accelerator, cfg.train.precision):
         results = evaluate_val_shards(
-            _eval_model(accelerator, module), processor, cfg.data.val, max_samples=cfg.eval.max_samples,
+            _full_model(cfg, accelerator, module, every_rank=True), processor, cfg.data.val, max_samples=cfg.eval.max_samples,
             num_captions=cfg.eval.num_captions, max_new_tokens=cfg.eval.max_new_tokens, device=accelerator.device,
             captioning=captioning, rank=accelerator.process_index, world_size=accelerator.num_processes,
             num_workers=cfg.data.num_workers, pad_multiple=cfg.data.pad_multiple)
@@ -512,11 +527,6 @@ def _evaluate(cfg: ExperimentConfig, accelerator, module, processor, log: Metric
         for cap in results.get("captions", []):
             accelerator.print(f"  [step {step}] {cap['generated']!r}  (reference: {cap['reference']!r})")
     return results
-
-
-def _eval_model(accelerator, module) -> VLModel:
-    """The VLModel the evaluation calls on every rank: under DDP the local replica, unwrapped."""
-    return accelerator.unwrap_model(module).model
 
 
 def _export(model: VLModel, processor: VLProcessor, run_dir: Path) -> Path:

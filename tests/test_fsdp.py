@@ -1,0 +1,345 @@
+"""FSDP2 under the trainer, in real processes: ``vlpretrain train --accelerate-config
+configs/accelerate/fsdp-cpu-2.yaml`` (2 CPU processes over gloo) against one process and against DDP,
+its sharded checkpoint exported to a hub folder that transformers loads without vlpretrain and
+resumed by one plain process, and a one-process checkpoint resumed under FSDP by two.
+
+Random draws: each rank seeds its own generator (``run.seed + rank``), so a 2-process run draws other
+MAE masks than one process does for the same batch. Objectives without draws (contrastive CLIP and
+SigLIP, captioning) are compared with one process on the doubled batch; the run with ``masked_image``
+is compared with a 2-process DDP run, whose ranks draw exactly what the FSDP ranks draw (same seeds,
+same order): the only difference left is how the parameters and gradients are distributed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.helpers import train_overrides
+from tests.test_export_hf import FRESH_PROCESS
+from tests.test_train_processes import ENV, ROOT, finish, make_interleaved_shards, start, write_config
+from vlpretrain.train.checkpoint import complete_checkpoints
+
+PER_RANK, STEPS = 8, 4
+MAE = "{name: masked_image, decoder_width: 32, decoder_depth: 1, decoder_heads: 2}"
+COMMON = [f"train.steps={STEPS}", f"train.batch_size={2 * PER_RANK}", "data.shuffle_buffer=0", "data.val=null",
+          "train.export=false", "optim.warmup_steps=1", "optim.lr=2e-3",
+          "data.crop_scale=[1.0,1.0]", "data.crop_ratio=[1.0,1.0]"]  # no random crops
+# A: every kind of objective (FSDP vs DDP, same draws); B: no draws, exact accumulation (FSDP vs one process)
+OBJECTIVES_A = f"objectives=[{{name: contrastive, loss: clip}}, {{name: captioning}}, {MAE}]"
+OBJECTIVES_B = "objectives=[{name: contrastive, loss: siglip}, {name: captioning, per_caption: true}]"
+
+
+def launch(config: Path, kind: str, *args: str) -> subprocess.Popen:
+    """``kind``: fsdp (the user's command with the FSDP accelerate config), ddp (the CPU DDP recipe)."""
+    if kind == "fsdp":
+        cmd = [sys.executable, "-m", "vlpretrain", "train", "--accelerate-config",
+               str(ROOT / "configs" / "accelerate" / "fsdp-cpu-2.yaml"), "--config", str(config), *args]
+        env = ENV  # no ACCELERATE_USE_CPU here: `vlpretrain train` sets it from the file's use_cpu
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "-m", "vlpretrain.train", "--config", str(config), *args]
+        env = {**ENV, "ACCELERATE_USE_CPU": "true"}
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def consolidated(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The newest checkpoint's full weights, however they were saved (what export and eval read)."""
+    from vlpretrain.export.source import read_weights
+
+    return read_weights(complete_checkpoints(run_dir)[-1][1])
+
+
+def max_diff(a: dict, b: dict) -> tuple[float, str]:
+    # model.safetensors leaves out the tied lm_head (it is the text embedding); a sharded checkpoint keeps it
+    assert a.keys() ^ b.keys() <= {"model.lm_head.weight"}, sorted(a.keys() ^ b.keys())
+    return max(((a[k].float() - b[k].float()).abs().max().item(), k) for k in a.keys() & b.keys())
+
+
+@pytest.fixture(scope="module")
+def runs(synth_root, tmp_path_factory):
+    """A under FSDP2 and DDP (2 processes each); B under FSDP2 (2 processes, 2 micro-batches each) and
+    one process (the doubled batch, no accumulation)."""
+    tmp = tmp_path_factory.mktemp("fsdp")
+    one, two = make_interleaved_shards(tmp / "shards", PER_RANK, STEPS)
+    dirs = {name: tmp / name for name in ("a_fsdp", "a_ddp", "b_fsdp", "b_one")}
+
+    def config(name: str, *extra: str) -> Path:
+        return write_config(tmp / f"{name}.yaml", train_overrides(synth_root, dirs[name], *COMMON, *extra))
+
+    a = (OBJECTIVES_A, f"data.train={two}", "train.ckpt_every=2")
+    b_fsdp = launch(config("b_fsdp", OBJECTIVES_B, f"data.train={two}", "train.accum_steps=2"), "fsdp")
+    b_one = start(config("b_one", OBJECTIVES_B, f"data.train={one}", "train.ckpt_every=2"))
+    finish(b_one)
+    finish(b_fsdp)
+    finish(launch(config("a_fsdp", *a, "train.export=true"), "fsdp"))  # also the end-of-run gather
+    finish(launch(config("a_ddp", *a), "ddp"))
+    return {**dirs, "two": two}
+
+
+@pytest.mark.slow
+def test_two_fsdp_processes_really_shard_every_parameter(runs):
+    for name in ("a_fsdp", "b_fsdp"):
+        info = summary(runs[name])
+        assert info["world_size"] == 2
+        assert info["distributed"]["sharding"] == "fsdp2"
+        assert info["distributed"]["dtensor_parameters"] == info["distributed"]["parameters"] > 0
+        ckpt = complete_checkpoints(runs[name])[-1][1]
+        assert sorted(p.name for p in (ckpt / "sharded").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+        assert not (ckpt / "model.safetensors").exists()
+    assert summary(runs["a_ddp"])["distributed"]["sharding"] == "none"
+    assert summary(runs["b_one"])["world_size"] == 1
+
+
+@pytest.mark.slow
+def test_fsdp_with_accumulation_equals_one_process_with_the_doubled_batch(runs):
+    # SigLIP (its logit scale and bias get their gradient outside the forward, from the cached
+    # embeddings of both micro-batches) and per-caption captioning
+    a, b = records(runs["b_one"]), records(runs["b_fsdp"])
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, STEPS + 1))
+    print(f"one process: {[r['loss'] for r in a]}\nFSDP, 2 x 2 micro-batches: {[r['loss'] for r in b]}")
+    assert a[0]["loss"] != a[-1]["loss"]  # it trains
+    for key in ("loss", "loss/contrastive", "loss/captioning", "contrastive/logit_bias"):
+        assert [r[key] for r in b] == pytest.approx([r[key] for r in a], rel=1e-5, abs=1e-6), key
+    worst, where = max_diff(consolidated(runs["b_one"]), consolidated(runs["b_fsdp"]))
+    print(f"final weights, one process vs FSDP: max abs diff {worst:.2e} at {where}")
+    assert worst < 1e-5, where
+
+
+@pytest.mark.slow
+def test_fsdp_equals_ddp_with_the_same_random_draws(runs):
+    # CLIP, captioning and masked_image (whose decoder is sharded too): the ranks draw the same masks
+    a, b = records(runs["a_ddp"]), records(runs["a_fsdp"])
+    print(f"DDP: {[r['loss'] for r in a]}\nFSDP: {[r['loss'] for r in b]}")
+    assert a[0]["loss"] != a[-1]["loss"]
+    for key in ("loss", "loss/contrastive", "loss/captioning", "loss/masked_image", "grad_norm"):
+        assert [r[key] for r in b] == pytest.approx([r[key] for r in a], rel=1e-5, abs=1e-6), key
+    worst, where = max_diff(consolidated(runs["a_ddp"]), consolidated(runs["a_fsdp"]))
+    print(f"final weights, DDP vs FSDP: max abs diff {worst:.2e} at {where}")
+    assert worst < 1e-5, where
+    # the end-of-run export gathered the shards into the model strictly: the checkpoint's weights exactly
+    exported = load_file(str(runs["a_fsdp"] / "model" / "model.safetensors"))
+    saved = consolidated(runs["a_fsdp"])
+    assert exported and all(torch.equal(v, saved[f"model.{k}"]) for k, v in exported.items())
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoint_exports_to_a_hub_folder_transformers_loads_without_vlpretrain(runs, tmp_path):
+    from PIL import Image
+
+    from vlpretrain.cli import main
+    from vlpretrain.export.source import load_source
+
+    step = complete_checkpoints(runs["a_fsdp"])[-1][1]
+    out = tmp_path / "hub"
+    assert main(["export", str(step), "--out", str(out)]) == 0
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
+    script = tmp_path / "load_elsewhere.py"
+    script.write_text(FRESH_PROCESS)
+    proc = subprocess.run([sys.executable, "-I", str(script), str(out)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    theirs = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    # the trained model: the consolidated shards, strictly loaded into a VLModel
+    ours = load_source(step)
+    assert json.loads((out / "config.json").read_text())["vlpretrain_training"]["logit_scale"] == pytest.approx(
+        float(consolidated(runs["a_fsdp"])["objectives.contrastive.logit_scale"].reshape(())))
+    images = [Image.new("RGB", (32, 32), (220, 40, 40)), Image.new("RGB", (32, 32), (40, 80, 220))]
+    batch = ours.processor(images=images, text=["a small red circle", "two blue squares at the top"])
+    assert batch["input_ids"].tolist() == theirs["input_ids"]
+    with torch.no_grad():
+        img = ours.model.encode_image(batch["pixel_values"])
+        txt = ours.model.encode_text(batch["input_ids"], batch["attention_mask"])
+    diff = max((img - torch.tensor(theirs["image"])).abs().max().item(),
+               (txt - torch.tensor(theirs["text"])).abs().max().item())
+    print(f"FSDP checkpoint -> hf export -> AutoModel: embedding max abs diff {diff:.2e}")
+    assert diff < 1e-5
+
+
+@pytest.mark.slow
+def test_two_process_fsdp_checkpoint_resumes_in_one_plain_process(runs, tmp_path):
+    from vlpretrain.export.source import read_weights
+
+    source = runs["a_fsdp"]
+    saved, cfg = resume_elsewhere(source, 2, tmp_path)
+    finish(start(cfg, "--resume", str(saved)))
+    run_dir = tmp_path / "resumed"
+    info = summary(run_dir)
+    assert info["world_size"] == 1 and info["distributed"]["sharding"] == "none" and info["steps"] == STEPS
+    resumed, original = records(run_dir), records(source)
+    assert [r["step"] for r in resumed] == [3, 4]  # the step counter continues
+    assert [r["lr"] for r in resumed] == pytest.approx([r["lr"] for r in original][2:], rel=1e-9)  # so does the LR
+    assert resumed[-1]["samples_seen"] == STEPS * 2 * PER_RANK
+    # the saved shards are the weights the first resumed step starts from: its logit scale (read in the
+    # forward, before the step) is the one the 2-process run used at step 3
+    assert resumed[0]["contrastive/logit_scale"] == pytest.approx(original[2]["contrastive/logit_scale"], rel=1e-6)
+    worst, _ = max_diff(read_weights(saved), consolidated(run_dir))
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in resumed) and worst > 0  # it trains on
+
+
+def resume_elsewhere(source: Path, step: int, tmp_path: Path, *overrides: str, same_world: bool = False
+                     ) -> tuple[Path, Path]:
+    """A copy of ``source``'s checkpoint ``step`` and a config of the same run in a new run.dir: (checkpoint,
+    config). Until the data position is saved world-size independent, a per-rank one cannot move to
+    another number of processes: unless ``same_world``, the copy leaves it out and the resumed run reads
+    its data afresh (those tests are about model, optimiser, schedule and step)."""
+    from omegaconf import OmegaConf
+
+    saved = tmp_path / f"step_{step}"
+    shutil.copytree(source / "checkpoints" / f"step_{step}", saved)
+    for per_rank in [] if same_world else saved.glob("data_state_rank*.json"):
+        per_rank.unlink()
+    cfg = OmegaConf.merge(OmegaConf.load(source / "config.yaml"),
+                          OmegaConf.from_dotlist([f"run.dir={tmp_path / 'resumed'}", *overrides]))
+    OmegaConf.save(cfg, tmp_path / "resume.yaml")
+    return saved, tmp_path / "resume.yaml"
+
+
+@pytest.mark.slow
+def test_one_process_checkpoint_resumes_under_fsdp_on_two(runs, tmp_path):
+    from vlpretrain.export.source import read_weights
+
+    source = runs["b_one"]  # saved without FSDP: model.safetensors, optimizer.bin (its lm_head left out: tied)
+    saved, cfg = resume_elsewhere(source, 2, tmp_path, f"data.train={runs['two']}")
+    finish(launch(cfg, "fsdp", "--resume", str(saved)))
+    run_dir = tmp_path / "resumed"
+    info = summary(run_dir)
+    assert info["world_size"] == 2 and info["distributed"]["sharding"] == "fsdp2" and info["steps"] == STEPS
+    resumed, original = records(run_dir), records(source)
+    assert [r["step"] for r in resumed] == [3, 4]
+    assert [r["lr"] for r in resumed] == pytest.approx([r["lr"] for r in original][2:], rel=1e-9)
+    # the first resumed step starts from the saved weights and moments: its logit bias (read in the
+    # forward, before the step) is the one the unbroken run used at step 3
+    assert resumed[0]["contrastive/logit_bias"] == pytest.approx(original[2]["contrastive/logit_bias"], abs=1e-6)
+    worst, _ = max_diff(read_weights(saved), consolidated(run_dir))
+    assert worst > 0
+
+
+@pytest.mark.slow
+def test_fsdp_resume_on_the_same_processes_continues_the_run_exactly(runs, tmp_path):
+    # model and optimiser shards, scheduler, each rank's RNG (its MAE masks) and data position: the
+    # resumed steps 3-4 are the unbroken run's
+    source = runs["a_fsdp"]
+    saved, cfg = resume_elsewhere(source, 2, tmp_path, "train.export=false", same_world=True)
+    finish(launch(cfg, "fsdp", "--resume", str(saved)))
+    run_dir = tmp_path / "resumed"
+    resumed, original = records(run_dir), records(source)
+    assert [r["step"] for r in resumed] == [3, 4]
+    for key in ("loss", "loss/masked_image", "lr"):
+        assert [r[key] for r in resumed] == [r[key] for r in original][2:], key
+    worst, where = max_diff(consolidated(source), consolidated(run_dir))
+    print(f"FSDP resumed at step 2 vs unbroken: max abs diff {worst:.2e} at {where}")
+    assert worst <= 1e-6, where
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    """A gloo process group of this one process: FSDP2 over a mesh of 1 (DTensor parameters) in-process."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_step_autocasts_like_unsharded_and_skips_non_finite_updates(one_process_group):
+    import copy
+
+    from torch.distributed.tensor import DTensor
+
+    from tests.objectives_support import random_batch
+    from tests.helpers import make_model
+    from vlpretrain.objectives import build_objective_set
+    from vlpretrain.train.host_reads import step_unless
+    from vlpretrain.train.optim import build_optimizer
+    from vlpretrain.config import OptimConfig
+    from vlpretrain.train.sharding import FsdpSettings, shard
+
+    plain = build_objective_set(make_model(text_embed_depth=1), [{"name": "contrastive", "loss": "siglip"},
+                                                                 {"name": "captioning"}])
+    sharded = shard(copy.deepcopy(plain), torch.device("cpu"), FsdpSettings())
+    assert all(isinstance(p, DTensor) for p in sharded.parameters())
+    batch = random_batch(batch=4)
+    for module in (plain, sharded):  # bf16 autocast around forward and backward, as the trainer does
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = module(batch)
+        out.loss.backward()
+    grads = {n: p.grad.full_tensor() for n, p in sharded.named_parameters()}
+    worst = max((grads[n] - p.grad).abs().max().item() for n, p in plain.named_parameters())
+    assert worst < 1e-6, worst
+
+    optimizer = build_optimizer(sharded, OptimConfig(lr=1e-2), torch.device("cpu"))  # fused AdamW
+    before = {n: p.full_tensor().clone() for n, p in sharded.named_parameters()}
+    step_unless(optimizer, torch.tensor([True]))  # a non-finite step: nothing moves, on the device
+    assert all(torch.equal(before[n], p.full_tensor()) for n, p in sharded.named_parameters())
+    step_unless(optimizer, torch.tensor([False]))
+    assert all(not torch.equal(before[n], p.full_tensor()) for n, p in sharded.named_parameters()
+               if p.grad is not None and p.grad.full_tensor().abs().max() > 0)
+
+
+def test_sharded_checkpoint_keys_are_checked_strictly_and_consolidate_without_a_process_group(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    from tests.helpers import make_model
+    from vlpretrain.models.weights import WeightMismatch
+    from vlpretrain.objectives import build_objective_set
+    from vlpretrain.train.sharding import SHARDED_DIR, check_sharded_weights, read_sharded_weights
+
+    objectives = build_objective_set(make_model(), [{"name": "contrastive", "loss": "siglip"}])
+    state = {k: v.detach().clone() for k, v in objectives.state_dict().items()}
+    dcp.save({**state, "optimizer": {"state": {}, "param_groups": []}}, checkpoint_id=str(tmp_path / SHARDED_DIR),
+             no_dist=True)
+    weights = read_sharded_weights(tmp_path)
+    assert weights.keys() == state.keys() and all(torch.equal(weights[k], v) for k, v in state.items())
+    expected = {k: tuple(v.shape) for k, v in state.items()}
+    check_sharded_weights(tmp_path, expected, "here")  # the same keys: no error
+    planted = {("model.renamed" if k == "model.backbone.norm.weight" else k): s for k, s in expected.items()}
+    planted["objectives.contrastive.logit_scale"] = ()
+    with pytest.raises(WeightMismatch, match=r"missing model.renamed; unexpected model.backbone.norm.weight; "
+                                             r"wrong shape objectives.contrastive.logit_scale \(saved \(1,\), model \(\)\)"):
+        check_sharded_weights(tmp_path, planted, "here")
+
+
+def test_fsdp_settings_come_from_the_launcher_and_unsupported_ones_are_refused(monkeypatch):
+    from vlpretrain.config import ConfigError
+    from vlpretrain.train.sharding import FsdpSettings, fsdp_from_launcher
+
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    assert fsdp_from_launcher() is None  # no FSDP asked: DDP or one process, as Accelerate decides
+    launched = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_RESHARD_AFTER_FORWARD": "false",
+                "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP", "FSDP_TRANSFORMER_CLS_TO_WRAP": "Block",
+                "FSDP_OFFLOAD_PARAMS": "false", "FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT"}
+    bad = {"FSDP_VERSION": ("1", "FSDP2 only"), "FSDP_OFFLOAD_PARAMS": ("true", "offload"),
+           "FSDP_RESHARD_AFTER_FORWARD": ("FULL_SHARD", "FSDP1 sharding strategy"),
+           "FSDP_STATE_DICT_TYPE": ("FULL_STATE_DICT", "SHARDED_STATE_DICT")}
+    for key, (value, why) in bad.items():
+        for name, v in {**launched, key: value}.items():
+            monkeypatch.setenv(name, v)
+        with pytest.raises(ConfigError, match=why):
+            fsdp_from_launcher()
+    for name, v in launched.items():
+        monkeypatch.setenv(name, v)
+    with pytest.raises(ConfigError, match="train.precision=bf16"):
+        fsdp_from_launcher("fp16")
+    assert fsdp_from_launcher("bf16") == FsdpSettings(reshard_after_forward=False, wrap=("Block",))
+    assert os.environ["ACCELERATE_USE_FSDP"] == "false"  # taken: Accelerate's state stays MULTI_CPU / MULTI_GPU
