@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from vlpretrain.eval.metrics import multi_caption_recall
-from vlpretrain.objectives.functional import next_token_loss
+from vlpretrain.models.losses import next_token_loss
 
 
 @torch.no_grad()

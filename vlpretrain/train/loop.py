@@ -35,7 +35,7 @@ from vlpretrain.train.checkpoint import (
     check_compatible, complete_checkpoints, load_checkpoint, resolve_resume, save_checkpoint)
 from vlpretrain.train.flops import FlopCounter, device_peak_flops
 from vlpretrain.train.host_reads import LaggedReadback, step_unless
-from vlpretrain.layers.precision import emulates, emulation_note, low_precision_context
+from vlpretrain.train.precision import emulates, emulation_for, emulation_note, low_precision_context
 from vlpretrain.train.metrics import MetricsLog, plot_curves
 from vlpretrain.train.optim import build_optimizer, build_scheduler
 
@@ -243,6 +243,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
                          normalize=False)  # uint8 to the device, normalised there (_to_device)
 
     model.set_grad_checkpointing(t.grad_checkpointing)
+    model.backbone.set_low_precision_emulation(emulation_for(accelerator.device, t.precision))
     objectives = build_objective_set(model, cfg.objectives)
     optimizer = build_optimizer(objectives, cfg.optim, accelerator.device)
     scheduler = build_scheduler(optimizer, cfg.optim, t.steps)
