@@ -33,7 +33,7 @@ from vlpretrain.objectives import build_objective_set
 from vlpretrain.train.accumulate import accumulate_backward, backward
 from vlpretrain.train.checkpoint import (
     check_compatible, complete_checkpoints, load_checkpoint, resolve_resume, save_checkpoint)
-from vlpretrain.train.flops import FlopCounter, device_peak_flops
+from vlpretrain.train.flops import FlopCounter, device_peak_flops, flop_rates
 from vlpretrain.train.host_reads import LaggedReadback, step_unless
 from vlpretrain.train.precision import emulates, emulation_for, emulation_note, low_precision_context
 from vlpretrain.train.metrics import MetricsLog, plot_curves
@@ -354,10 +354,8 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
                           **{k: float(accelerator.reduce(torch.as_tensor(v, device=accelerator.device).float()
                                                          .reshape(1), "mean")) for k, v in out.metrics.items()},
                           **{k: v for k, v in window.items() if k.startswith("skipped/")}}
-                if peak:
-                    flops = counter.take_flops()  # the window's steps (read here: under compile, a device value)
-                    record["mfu"] = flops / window["time"] / peak
-                    record["tflops_per_s"] = flops / window["time"] / 1e12
+                flops = counter.take_flops()  # the window's steps (read here: under compile, a device value)
+                record.update(flop_rates(flops, window["time"], peak))
                 log.log(state.step, record)
                 if (not data_bound_noted and state.step - step_at_start > t.log_every  # the first holds the workers' start
                         and record["data_wait_frac"] > DATA_BOUND_WAIT):
