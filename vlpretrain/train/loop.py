@@ -36,7 +36,7 @@ from vlpretrain.train.checkpoint import (
 from vlpretrain.train.flops import FlopCounter, device_peak_flops, flop_rates
 from vlpretrain.train.host_reads import LaggedReadback, step_unless
 from vlpretrain.train.precision import emulates, emulation_for, emulation_note, low_precision_context
-from vlpretrain.train.metrics import MetricsLog, plot_curves
+from vlpretrain.train.metrics import MetricsLog, logged_eval, plot_curves
 from vlpretrain.train.optim import build_optimizer, build_scheduler
 
 
@@ -376,8 +376,9 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
     if final is None or final.name != f"step_{state.step}":
         final = checkpoint()
     wall = time.perf_counter() - start
-    if stopped_by is None:
-        state.eval = _evaluate(cfg, accelerator, module, processor, log, state.step)
+    if stopped_by is None:  # (a finished run resumed trains nothing: its last evaluation stands, logged once)
+        logged = logged_eval(run_dir, state.step) if resume is not None and state.step == step_at_start else None
+        state.eval = logged or _evaluate(cfg, accelerator, module, processor, log, state.step)
     summary = {"run_dir": str(run_dir), "world_size": world, "steps": state.step, "samples_seen": state.samples_seen,
                "stopped_by": stopped_by, "wall_time_s": wall,
                "samples_per_s": (state.samples_seen - samples_at_start) / max(wall, 1e-9),

@@ -51,6 +51,15 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
+def logged_eval(run_dir: str | Path, step: int) -> dict[str, Any] | None:
+    """The evaluation metrics.jsonl already holds for ``step`` (its figures without ``eval/``), or None:
+    what a finished run resumed at its last step reports instead of evaluating (and logging) again."""
+    evals = [r for r in read_metrics(run_dir) if r.get("step") == step and any(k.startswith("eval/") for k in r)]
+    if not evals:
+        return None
+    return {k[len("eval/"):]: v for k, v in evals[-1].items() if k.startswith("eval/")}
+
+
 # eval.png: one panel per family of eval figures, so that figures share an axis only with their kind;
 # counts (eval/samples) label the figure and never share an axis with a metric
 EVAL_COUNTS = ("samples",)
