@@ -49,7 +49,7 @@ class ModelConfig:
     attend to the image only from block K on (CoCa in one pass); 0 means all blocks / from block 0."""
     pre_norm: bool = False
     """LayerNorm on the image tokens after the position embeddings (timm ``norm_pre``, CLIP's
-    ``pre_layrnorm``); needed for an exact export to transformers' CLIPModel."""
+    ``pre_layrnorm``); needed for an exact export to transformers' CLIPModel. On in every preset."""
     patch_dropout: float = 0.0
     """FLIP patch dropout: share of patches dropped at random in training (0 disables)."""
     tie_word_embeddings: bool = True
