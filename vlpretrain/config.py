@@ -100,7 +100,9 @@ class TrainConfig:
     trackers: list[str] = field(default_factory=list)
     """Accelerate trackers to log to: wandb (WANDB_MODE=offline works), tensorboard."""
     init_from: Optional[str] = None
-    """Start from the weights of a model folder (export, run.dir/model) or a checkpoints/step_N folder."""
+    """Start from the weights of a model folder (export, run.dir/model) or a checkpoints/step_N folder; or
+    timm:NAME, a timm ViT (timm's resolution: cache, hf-hub:, local-dir:) into the image path, with the
+    trunk's shape taken from it and the run's image/patch size (embeddings resampled); text and heads fresh."""
     export: bool = True
     """Save the final model and processor as a HuggingFace folder in run.dir/model at the end."""
 

@@ -27,6 +27,7 @@ from vlpretrain.data.shards import ShardStream
 from vlpretrain.data.bootstrap import ensure_synthetic
 from vlpretrain.data.tokenizer import load_tokenizer
 from vlpretrain.eval.during_training import evaluate
+from vlpretrain.models.from_timm import describe_load, load_timm_image_path, timm_image_tower
 from vlpretrain.models.modeling import VLConfig, VLModel
 from vlpretrain.models.weights import load_strict
 from vlpretrain.objectives import build_objective_set
@@ -230,11 +231,14 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     set_seed(cfg.run.seed)
-    if t.init_from:
+    if t.init_from and not t.init_from.startswith("timm:"):
         model = _model_from_pretrained(cfg, tokenizer)
     else:
+        vit = timm_image_tower(cfg.model, t.init_from)  # timm:NAME: the trunk's shape is the timm ViT's
         _tokenizer_into_model_config(cfg, tokenizer)
         model = VLModel(VLConfig.from_model_config(cfg.model))
+        if vit is not None:
+            accelerator.print(describe_load(load_timm_image_path(model, vit, t.init_from), t.init_from))
     if resume is not None:
         check_compatible(resume, cfg.model)
     stream = ShardStream(cfg.data, "train", batch_size=micro, image_size=cfg.model.image_size,
