@@ -77,18 +77,27 @@ def test_a_timm_key_with_no_place_is_an_error(saved_vit):
         load_timm_image_path(model, vit, init_from)
 
 
-def test_the_trainer_starts_from_the_timm_vit_and_says_what_it_loaded(saved_vit, synth_root, tmp_path, capsys,
-                                                                       fresh_accelerate_state):
+def test_the_trainer_starts_from_the_timm_vit_and_lit_keeps_it(saved_vit, synth_root, tmp_path, capsys,
+                                                                fresh_accelerate_state):
+    """The LiT recipe (configs/lit-base.yaml's keys): a timm ViT as the image path, train.freeze=image_path,
+    modality experts for the text side; after training the image path is still timm's, at the run's size."""
     from tests.helpers import train_overrides
     from vlpretrain.config import load_config
     from vlpretrain.train.loop import train
 
     init_from, args = saved_vit
-    overrides = train_overrides(synth_root, tmp_path / "run", f"train.init_from={init_from}", "train.steps=1",
-                                "eval.num_captions=0", "model.text_embed_depth=0", "model.image_size=48")
+    overrides = train_overrides(synth_root, tmp_path / "run", f"train.init_from={init_from}", "train.steps=2",
+                                "train.freeze=image_path", "model.modality_experts=true", "eval.num_captions=0",
+                                "model.text_embed_depth=0", "model.image_size=48")
     train(load_config(None, overrides))
     out = capsys.readouterr().out
-    assert f"train.init_from {init_from}: loaded" in out and "new: backbone.modality_embed" in out
-    trained = VLModel.from_pretrained(tmp_path / "run" / "model")
+    assert f"train.init_from {init_from}: loaded" in out and "train.freeze=image_path:" in out
+    new = out.split("new: ", 1)[1].splitlines()[0].split(", ")
+    assert {"backbone.modality_embed", "backbone.blocks.0.text_mlp.fc1.weight", "text_proj.weight"} <= set(new)
+    trained = VLModel.from_pretrained(tmp_path / "run" / "model").eval()
     assert (trained.config.width, trained.config.depth, trained.config.image_size) == (64, 2, 48)
     assert trained.config.pre_norm == args["pre_norm"]
+    theirs = timm.create_model(init_from[len("timm:"):], pretrained=True, num_classes=0, img_size=48).eval()
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        assert (trained.forward_features(x) - theirs.forward_features(x)).abs().max() < 1e-5

@@ -63,6 +63,7 @@ class OptimConfig:
         raise_first_failure(checks)
 
 
+FREEZE_RECIPES = ("image_path", "image_only", "text_only")  # vlpretrain.finetune.FREEZE
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that replay CUDA graphs
 
@@ -105,6 +106,10 @@ class TrainConfig:
     trunk's shape taken from it and the run's image/patch size (embeddings resampled); text and heads fresh."""
     export: bool = True
     """Save the final model and processor as a HuggingFace folder in run.dir/model at the end."""
+    freeze: Optional[str] = None
+    """Parameters kept frozen (vlpretrain.finetune): image_path (LiT: everything image tokens pass through,
+    shared blocks included; text-only parameters train), image_only or text_only (one modality's own
+    parameters; the shared blocks train). None: all train."""
 
     def __post_init__(self):
         if self.precision in ("False", "false"):  # YAML (and a key=value override) reads a bare `no` as false
@@ -128,6 +133,8 @@ class TrainConfig:
             (self.ckpt_every >= 0, "train.ckpt_every", f"{self.ckpt_every} must be >= 0"),
             (self.keep_last >= 1, "train.keep_last", f"{self.keep_last} must be >= 1"),
             (self.max_nonfinite >= 1, "train.max_nonfinite", f"{self.max_nonfinite} must be >= 1"),
+            (self.freeze is None or self.freeze in FREEZE_RECIPES, "train.freeze",
+             f"'{self.freeze}' is not one of {', '.join(FREEZE_RECIPES)} (or null)"),
             (set(self.trackers) <= {"wandb", "tensorboard"}, "train.trackers",
              f"{self.trackers} may only name wandb and tensorboard"),
         ]

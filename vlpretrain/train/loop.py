@@ -27,6 +27,7 @@ from vlpretrain.data.shards import ShardStream
 from vlpretrain.data.bootstrap import ensure_synthetic
 from vlpretrain.data.tokenizer import load_tokenizer
 from vlpretrain.eval.during_training import evaluate
+from vlpretrain.finetune import FREEZE
 from vlpretrain.models.from_timm import describe_load, load_timm_image_path, timm_image_tower
 from vlpretrain.models.modeling import VLConfig, VLModel
 from vlpretrain.models.weights import load_strict
@@ -248,6 +249,8 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
 
     model.set_grad_checkpointing(t.grad_checkpointing)
     model.backbone.set_low_precision_emulation(emulation_for(accelerator.device, t.precision))
+    if t.freeze:
+        accelerator.print(f"train.freeze={t.freeze}: {len(FREEZE[t.freeze](model))} parameter tensors frozen")
     objectives = build_objective_set(model, cfg.objectives)
     optimizer = build_optimizer(objectives, cfg.optim, accelerator.device)
     scheduler = build_scheduler(optimizer, cfg.optim, t.steps)
