@@ -49,3 +49,20 @@ def test_figures_do_not_depend_on_the_batch_size_and_flags_reach_the_run(trained
                 assert 0 <= bf16[task][key] <= 1
     assert main(["eval", "--model", str(trained_run / "model"), "--data", data, "--batch-size", "0"]) == 2
     assert "--batch-size 0 must be >= 1" in capsys.readouterr().err
+
+
+def test_recall_in_blocks_of_rows_equals_the_whole_matrix():
+    import torch
+
+    from vlpretrain.eval.metrics import multi_caption_recall
+
+    g = torch.Generator().manual_seed(0)
+    image = torch.nn.functional.normalize(torch.randn(37, 8, generator=g), dim=-1)
+    owner = torch.randint(0, 37, (90,), generator=g)
+    owner[:37] = torch.arange(37)  # every image has a caption
+    text = torch.nn.functional.normalize(image[owner] + 0.8 * torch.randn(90, 8, generator=g), dim=-1)
+    text[40] = text[3]  # a tie
+    whole = multi_caption_recall(image, text, owner)
+    assert 0 < whole["i2t_r@1"] < 1 and 0 < whole["t2i_r@5"] < 1
+    assert multi_caption_recall(image, text, owner, chunk_elements=90 * 5) == whole  # 5 rows a block
+    assert multi_caption_recall(image, text, owner, chunk_elements=1) == whole  # one row a block
