@@ -30,7 +30,7 @@ def fresh_accelerate_state():
 
 @pytest.fixture(scope="session")
 def trained_run(synth_root, tmp_path_factory):
-    """One short debug training run (pre-norm, so it is CLIP-expressible) shared by the eval, export and
+    """One short debug training run (the preset's pre-norm makes it CLIP-expressible) shared by the eval, export and
     fine-tuning tests: ``run/checkpoints/step_6`` and ``run/model``."""
     from accelerate.state import AcceleratorState
 
@@ -41,7 +41,7 @@ def trained_run(synth_root, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("trained") / "run"
     AcceleratorState._reset_state(True)
     try:
-        train(load_config(None, train_overrides(synth_root, run_dir, "model.pre_norm=true", "train.steps=6",
+        train(load_config(None, train_overrides(synth_root, run_dir, "train.steps=6",
                                                 "train.ckpt_every=6")))
     finally:
         AcceleratorState._reset_state(True)

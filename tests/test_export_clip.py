@@ -94,3 +94,33 @@ def test_an_inexpressible_model_is_a_clear_error_and_writes_nothing(clip_export,
     with pytest.raises(NotExpressible, match=why):
         export_clip(loaded, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_sigmoid_trained_models_bias_stays_in_the_folder_and_is_said(clip_export, trained_run, tmp_path):
+    """SigLIP's learnt bias has no CLIPModel parameter: it goes to config.json and the model card, with a
+    warning, never silently away. The scale and bias are read as 1-element tensors (how FSDP keeps them)."""
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from vlpretrain.export.clip_format import ClipExportNote
+
+    ckpt = tmp_path / "run" / "checkpoints" / "step_6"
+    shutil.copytree(trained_run / "checkpoints" / "step_6", ckpt)
+    weights = load_file(str(ckpt / "model.safetensors"))
+    weights["objectives.contrastive.logit_scale"] = torch.tensor([2.5])
+    weights["objectives.contrastive.logit_bias"] = torch.tensor([-7.25])
+    save_file(weights, str(ckpt / "model.safetensors"))
+    out = tmp_path / "siglip-clip"
+    with pytest.warns(ClipExportNote, match="logit bias -7.25"):
+        assert main(["export", str(ckpt), "--out", str(out), "--format", "clip"]) == 0
+    assert json.loads((out / "config.json").read_text())["logit_bias"] == -7.25
+    clip = CLIPModel.from_pretrained(out)
+    assert clip.config.logit_bias == -7.25 and clip.logit_scale.item() == pytest.approx(2.5)
+    assert "logit bias -7.25" in (out / "README.md").read_text()
+
+    _, ours = clip_export  # a model folder without a training record: unknown scale and bias, said so
+    with pytest.warns(ClipExportNote, match="logit scale is unknown"):
+        export_clip(LoadedModel(ours.model, ours.processor, TrainingInfo()), tmp_path / "unknown")
+    assert "is unknown" in (tmp_path / "unknown" / "README.md").read_text()

@@ -10,8 +10,8 @@ import torch
 from tests.helpers import make_model
 from vlpretrain import VLModel, VLProcessor
 from vlpretrain.data.synthetic import captions, random_scene, render
-from vlpretrain.finetune import (VLModelForImageClassification, apply_lora, class_text_embeddings, lock_image_tower,
-                                 lock_text)
+from vlpretrain.finetune import (VLModelForImageClassification, apply_lora, class_text_embeddings, freeze_image_only,
+                                 freeze_text_only, lock_image_path)
 
 SHAPES = ["circle", "square", "triangle"]
 
@@ -62,13 +62,13 @@ def test_classifier_from_pretrained_with_zero_shot_head_and_loss(trained_run):
 
 
 @pytest.mark.parametrize("experts", [False, True])
-def test_lock_image_tower_and_lock_text_freeze_only_one_modality(experts):
+def test_freeze_image_only_and_text_only_freeze_only_one_modality(experts):
     model = make_model(modality_experts=experts)
-    frozen_image = set(lock_image_tower(model))
+    frozen_image = set(freeze_image_only(model))
     assert "backbone.patch_embed.proj.weight" in frozen_image and "image_proj.weight" in frozen_image
     assert "backbone.blocks.0.attn.qkv.weight" not in frozen_image  # shared: cannot be frozen for one modality
     assert ("backbone.blocks.0.mlp.fc1.weight" in frozen_image) == experts
-    frozen_text = set(lock_text(make_model(modality_experts=experts)))
+    frozen_text = set(freeze_text_only(make_model(modality_experts=experts)))
     assert "backbone.text_embed.weight" in frozen_text and "text_proj.weight" in frozen_text
     assert ("backbone.blocks.0.text_mlp.fc1.weight" in frozen_text) == experts
     assert not frozen_image & frozen_text
@@ -80,6 +80,26 @@ def test_lock_image_tower_and_lock_text_freeze_only_one_modality(experts):
     opt.step()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert not changed & frozen_image and "backbone.blocks.0.attn.qkv.weight" in changed
+
+
+@pytest.mark.parametrize("experts", [False, True])
+def test_lit_locks_everything_image_tokens_pass_through(experts):
+    """lock_image_path (train.freeze: image_path): image embeddings stay as they were; text-only parts train."""
+    model = make_model(modality_experts=experts)
+    frozen = set(lock_image_path(model))
+    assert "backbone.blocks.0.attn.qkv.weight" in frozen and "backbone.modality_embed" in frozen
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert ("backbone.blocks.0.text_mlp.fc1.weight" in trainable) == experts and "text_proj.weight" in trainable
+    px, ids = torch.randn(2, 3, 32, 32), torch.tensor([[1, 7, 9, 2], [1, 8, 2, 0]])
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        image_before, text_before = model.encode_image(px), model.encode_text(ids, mask)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    (model.encode_image(px) @ model.encode_text(ids, mask).T).diagonal().sum().neg().backward()
+    opt.step()
+    with torch.no_grad():
+        assert torch.equal(model.encode_image(px), image_before)
+        assert not torch.allclose(model.encode_text(ids, mask), text_before)
 
 
 def test_lora_wraps_attention_and_mlp_trains_a_step_and_saves_the_adapter(trained_run, tmp_path):

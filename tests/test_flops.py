@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tests.helpers import make_model, make_text
-from vlpretrain.train.flops import FlopCounter, measured_cpu_peak
+from vlpretrain.train.flops import FlopCounter, flop_rates, gpu_peak_flops, measured_cpu_peak
 
 
 def analytic_forward_flops(cfg, batch: int, n_image: int, n_text: int) -> float:
@@ -44,3 +45,25 @@ def test_cpu_peak_is_measured_without_touching_the_global_rng():
     before = torch.get_rng_state()
     assert measured_cpu_peak(torch.float32, seconds=0.05) > 1e9
     assert torch.equal(torch.get_rng_state(), before)
+
+
+@pytest.mark.parametrize("name, bf16, fp32", [
+    ("NVIDIA H100 80GB HBM3", 989e12, 67e12), ("NVIDIA H100 PCIe", 756e12, 51e12), ("NVIDIA H100 NVL", 835e12, 60e12),
+    ("NVIDIA H200", 989e12, 67e12), ("NVIDIA A100-SXM4-80GB", 312e12, 19.5e12), ("NVIDIA A100 80GB PCIe", 312e12, 19.5e12),
+    ("NVIDIA L4", 121e12, 30.3e12), ("NVIDIA L40", 181e12, 90.5e12), ("NVIDIA L40S", 362e12, 91.6e12),
+    ("NVIDIA A10G", 125e12, 31.2e12), ("NVIDIA GeForce RTX 4090", 165e12, 82.6e12),
+    ("Tesla V100-SXM2-16GB", 125e12, 15.7e12), ("Tesla V100-PCIE-32GB", 112e12, 14e12),
+])
+def test_gpu_peaks_match_whole_model_names(name, bf16, fp32):
+    assert (gpu_peak_flops(name, True), gpu_peak_flops(name, False)) == (bf16, fp32)
+
+
+@pytest.mark.parametrize("name", ["NVIDIA GeForce RTX 4080", "NVIDIA B200", "NVIDIA A1000", "NVIDIA L400"])
+def test_unknown_gpus_get_no_peak(name):
+    assert gpu_peak_flops(name, True) is None
+
+
+def test_mfu_is_left_out_without_a_peak_or_above_one():
+    assert flop_rates(4e12, 2.0, 4e12) == {"tflops_per_s": 2.0, "mfu": 0.5}
+    assert flop_rates(4e12, 2.0, None) == {"tflops_per_s": 2.0}
+    assert flop_rates(4e12, 2.0, 1e12) == {"tflops_per_s": 2.0}  # the work outran the (measured) peak

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import os
 import traceback
 
 import pytest
@@ -17,6 +18,7 @@ import torch
 from objectives_support import make_model, random_batch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import vlpretrain
 from vlpretrain.objectives import build_objective_set
 from vlpretrain.train.accumulate import accumulate_backward
 from vlpretrain.train.host_reads import LaggedReadback, step_unless
@@ -24,6 +26,14 @@ from vlpretrain.train.host_reads import LaggedReadback, step_unless
 READS = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.masked_select.default",
          "aten.is_nonzero.default", "aten.equal.default", "aten._unique2.default", "aten.unique_consecutive.default",
          "aten.repeat_interleave.Tensor", "aten.item.default", "aten.allclose.default"}
+# the package's own folder: a checkout is itself often named vlpretrain/, and this file lives inside it
+PACKAGE = os.path.dirname(os.path.realpath(vlpretrain.__file__)) + os.sep
+
+
+def package_line(filename: str, lineno: int) -> str | None:
+    """``objectives/x.py:12`` for a line of the vlpretrain package, None for any other file."""
+    path = os.path.realpath(filename)
+    return f"{path[len(PACKAGE):]}:{lineno}" if path.startswith(PACKAGE) else None
 
 
 class HostReads(TorchDispatchMode):
@@ -39,8 +49,8 @@ class HostReads(TorchDispatchMode):
             isinstance(a, (list, tuple)) and any(isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in a)
             for a in args)
         if name in READS or bool_index:
-            ours = [f for f in traceback.extract_stack() if "/vlpretrain/" in f.filename]
-            where = f"{ours[-1].filename.rsplit('/vlpretrain/', 1)[1]}:{ours[-1].lineno}" if ours else "outside vlpretrain"
+            ours = [line for f in traceback.extract_stack() if (line := package_line(f.filename, f.lineno))]
+            where = ours[-1] if ours else "outside vlpretrain"
             self.seen[(name, where)] += 1
         return func(*args, **(kwargs or {}))
 

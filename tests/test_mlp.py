@@ -7,7 +7,7 @@ import torch
 from timm.layers import Mlp as TimmMlp
 
 from vlpretrain.layers.mlp import Mlp
-from vlpretrain.layers.precision import EmulatedLowPrecision
+from vlpretrain.train.precision import EmulatedLowPrecision
 
 
 def _pair():
@@ -51,6 +51,7 @@ def test_low_precision_autocast_matches_timm_under_autocast(dtype):
 
 def test_emulated_bf16_matches_timm_under_the_same_emulation():
     ours, reference = _pair()
+    ours.emulate_low_precision = True  # what VLBackbone.set_low_precision_emulation sets
     x = torch.randn(3, 7, 24)
     with EmulatedLowPrecision(torch.bfloat16):
         (out, gx, grads), (ref, ref_gx, ref_grads) = _run(ours, x, torch.bfloat16), _run(reference, x, torch.bfloat16)

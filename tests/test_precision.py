@@ -11,9 +11,9 @@ from torch.ops import aten
 from torch.utils._python_dispatch import TorchDispatchMode
 from objectives_support import make_model, random_batch
 
-import vlpretrain.layers.precision as precision
+import vlpretrain.train.precision as precision
 from vlpretrain.objectives import build_objective_set
-from vlpretrain.layers.precision import EmulatedLowPrecision
+from vlpretrain.train.precision import EmulatedLowPrecision, emulation_for
 from vlpretrain.train.accumulate import accumulate_backward, backward
 
 
@@ -86,16 +86,22 @@ def test_emulated_training_step_is_as_close_to_fp32_as_native_bf16():
     assert 0 < emulated <= 1.5 * native + 1e-3, (emulated, native)  # rounded like bf16, no further from fp32
     assert abs(results["emulated"][0] - loss32) <= 2 * abs(results["native"][0] - loss32) + 1e-2
 
-    model.set_grad_checkpointing(True)  # the backward recomputes the blocks: emulated there too
+    model.set_grad_checkpointing(True)  # the backward recomputes the blocks: emulated there too, once told
+    model.backbone.set_low_precision_emulation(lambda: EmulatedLowPrecision(torch.bfloat16))
     loss, grads = _loss_and_grads(objectives, batch, "emulated")
     assert loss == results["emulated"][0]
     assert all(torch.equal(grads[n], g) for n, g in results["emulated"][1].items())
+    model.backbone.set_low_precision_emulation(None)  # untold: the recomputation runs native bf16 and
+    with pytest.raises(torch.utils.checkpoint.CheckpointError):  # saves other tensors than the forward did
+        _loss_and_grads(objectives, batch, "emulated")
 
 
 def test_emulation_is_chosen_only_for_low_precision_on_a_cpu_without_units(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setattr(precision, "cpu_has_native", lambda p: False)
     assert precision.emulates(cpu, "bf16") and precision.emulates(cpu, "fp16")
+    assert emulation_for(cpu, "fp16")().dtype == torch.float16 and emulation_for(cpu, "no") is None
+    assert emulation_for(cuda, "bf16") is None
     assert not precision.emulates(cpu, "no") and not precision.emulates(cuda, "bf16")
     assert "train.precision=bf16 on a CPU without bf16" in precision.emulation_note("bf16")
     monkeypatch.setattr(precision, "cpu_has_native", lambda p: True)
@@ -106,6 +112,7 @@ def test_emulation_is_chosen_only_for_low_precision_on_a_cpu_without_units(monke
 
 def test_backward_runs_outside_autocast_so_emulated_steps_never_reach_low_precision_kernels():
     model = make_model(text_embed_depth=1)
+    model.backbone.set_low_precision_emulation(lambda: EmulatedLowPrecision(torch.bfloat16))  # as the trainer does
     objectives = build_objective_set(model, [{"name": "contrastive"}, {"name": "captioning"}])
     batch = random_batch(batch=4, length=9)
     halves = [{k: v[:2] for k, v in batch.items()}, {k: v[2:] for k, v in batch.items()}]

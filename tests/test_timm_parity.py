@@ -9,17 +9,22 @@ import torch
 from tests.helpers import make_model
 
 
-@pytest.mark.parametrize("preset", ["debug", "tiny"])
-def test_image_path_equals_timm_vit(preset):
-    model = make_model(preset).eval()
+@pytest.mark.parametrize("preset, pre_norm", [("debug", True), ("debug", False), ("tiny", True)])
+def test_image_path_equals_timm_vit(preset, pre_norm):
+    """The presets' pre_norm is timm's norm_pre (a CLIP-style ViT); without it, a plain timm ViT."""
+    model = make_model(preset, pre_norm=pre_norm).eval()
     c = model.config
     vit = timm.models.vision_transformer.VisionTransformer(
         img_size=c.image_size, patch_size=c.patch_size, embed_dim=c.width, depth=c.depth, num_heads=c.num_heads,
-        mlp_ratio=c.mlp_ratio, qkv_bias=c.qkv_bias, num_classes=0).eval()
+        mlp_ratio=c.mlp_ratio, qkv_bias=c.qkv_bias, pre_norm=pre_norm, num_classes=0).eval()
     torch.manual_seed(1)
     for p in vit.parameters():  # random weights, so an ignored key would show
         p.data.normal_(0, 0.05)
-    missing, unexpected = model.backbone.load_state_dict(vit.state_dict(), strict=False)
+    state = vit.state_dict()
+    if pre_norm:  # timm's pre-norm ViT (CLIP's layout) has no patch-conv bias: ours is zero then
+        assert "patch_embed.proj.bias" not in state
+        state["patch_embed.proj.bias"] = torch.zeros(c.width)
+    missing, unexpected = model.backbone.load_state_dict(state, strict=False)
     assert unexpected == []
     assert all(k.startswith(("text_", "modality_")) for k in missing), missing
     x = torch.randn(2, 3, c.image_size, c.image_size)

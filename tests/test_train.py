@@ -26,10 +26,11 @@ def test_run_writes_metrics_checkpoints_plots_summary_and_export(synth_root, tmp
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2, 3, 4, 5, 6]
     for key in ("samples_seen", "loss", "loss/contrastive", "loss/captioning", "lr", "samples_per_s",
-                "data_wait_frac", "mfu", "nonfinite_steps"):
+                "data_wait_frac", "tflops_per_s", "nonfinite_steps"):
         assert key in steps[-1], key
     assert steps[-1]["samples_seen"] == 6 * 16
-    assert 0 <= steps[-1]["data_wait_frac"] <= 1 and steps[-1]["mfu"] > 0
+    assert 0 <= steps[-1]["data_wait_frac"] <= 1 and steps[-1]["tflops_per_s"] > 0
+    assert all(0 < r["mfu"] <= 1 for r in steps if "mfu" in r)  # (left out where the measured CPU peak was outrun)
     for r in steps:  # logged every step: the window is one step of 16 samples
         assert abs(r["step_time_s"] * r["samples_per_s"] - 16) < 1e-6
         assert r["tokens_per_s"] > 16 * r["samples_per_s"]  # every image alone brings 1 + 16 patch tokens

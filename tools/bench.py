@@ -65,6 +65,7 @@ def summarise(records: list[dict], warmup: int) -> dict:
     }
     if all("tflops_per_s" in r for r in timed):
         out["tflops_per_s"] = sum(r["tflops_per_s"] * weight[id(r)] for r in timed) / total
+    if all("mfu" in r for r in timed):  # (a window whose rate outran a measured CPU peak has none)
         out["mfu"] = sum(r["mfu"] * weight[id(r)] for r in timed) / total
     return out
 

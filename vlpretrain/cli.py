@@ -51,7 +51,21 @@ def _launch_env(config: str) -> dict[str, str]:
     return env
 
 
-def build_parser() -> argparse.ArgumentParser:
+# Subcommands defined next to the code they run: name -> (module whose add_cli(sub) adds it, the line
+# `vlpretrain --help` shows). Only the module of the command being run is imported, so `--help` starts fast.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "synth": ("vlpretrain.data.synthetic", "write synthetic captioned shape scenes as train/ and val/ shards"),
+    "export": ("vlpretrain.export.cli", "export a checkpoint or model folder (hf hub folder with remote code)"),
+    "eval": ("vlpretrain.eval.suite", "evaluate a model folder or checkpoint on shards; JSON of all figures"),
+    "make-shards": ("vlpretrain.data.writer", "pack images + captions into WebDataset shards"),
+    "tokenizer": ("vlpretrain.data.tokenizer", "train a SentencePiece caption tokenizer, saved for AutoTokenizer"),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser with every subcommand listed; ``command`` (all when None) gets its full arguments."""
+    import importlib
+
     parser = argparse.ArgumentParser(prog="vlpretrain", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -68,27 +82,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("train_args", nargs=argparse.REMAINDER, help="--config FILE, --resume auto, key=value overrides")
     p.set_defaults(func=_cmd_train)
 
-    from vlpretrain.data import synthetic, tokenizer, writer
-
-    from vlpretrain.eval import suite as eval_suite
-    from vlpretrain.export import cli as export_cli
-
-    synthetic.add_cli(sub)
-    export_cli.add_cli(sub)
-    eval_suite.add_cli(sub)
-    writer.add_cli(sub)
-    tokenizer.add_cli(sub)
+    for name, (module, summary) in COMMANDS.items():
+        if command is None or command == name:
+            importlib.import_module(module).add_cli(sub)
+        else:
+            sub.add_parser(name, help=summary)  # listed only: this run does not parse its arguments
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    first = next((a for a in argv if not a.startswith("-")), None)  # the subcommand comes before its options
+    parser = build_parser(first if first in COMMANDS else "")
     args, extra = parser.parse_known_args(argv)
     if args.command == "train":  # everything not ours goes to vlpretrain.train
         args.train_args = extra + args.train_args
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    from vlpretrain.config import ConfigError
+    from vlpretrain.errors import ConfigError
 
     try:
         return args.func(args)

@@ -1,6 +1,6 @@
 """Typed experiment configs: dataclasses loaded from YAML with ``key.sub=value`` overrides.
 
-Each component owns a small dataclass (the model's is :class:`ModelConfig` below); the experiment
+Each component owns a small dataclass (the model's is :class:`~vlpretrain.models.config.ModelConfig`); the experiment
 config only composes them. Merging, YAML parsing and type checking are done by OmegaConf; this
 module adds presets and error messages that name the bad key and the closest valid one.
 
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import difflib
 import inspect
 import textwrap
 from dataclasses import dataclass, field
@@ -22,97 +21,10 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-
-class ConfigError(ValueError):
-    """A config that does not validate; the message names the key and the fix."""
-
-
-def raise_first_failure(checks: list[tuple[bool, str, str]]) -> None:
-    """``checks`` are (ok, key, why); raise ConfigError("key: why.") for the first that is not ok."""
-    for ok, key, why in checks:
-        if not ok:
-            raise ConfigError(f"{key}: {why}.")
-
-
-@dataclass
-class ModelConfig:
-    """Architecture of the shared image/text transformer (see ``vlpretrain.models.presets``)."""
-
-    preset: Optional[str] = None
-    """Size preset to start from (debug, tiny, small, base, large); keys set here override it."""
-    image_size: int = 224
-    """Input image side in pixels (square)."""
-    patch_size: int = 16
-    """Patch side in pixels; image_size must be a multiple of it."""
-    in_chans: int = 3
-    """Image channels."""
-    width: int = 768
-    """Transformer width shared by image patches and text tokens."""
-    depth: int = 12
-    """Number of transformer blocks."""
-    num_heads: int = 12
-    """Attention heads per block; width must be a multiple of it."""
-    mlp_ratio: float = 4.0
-    """MLP hidden width as a multiple of width."""
-    qkv_bias: bool = True
-    """Bias on the fused qkv projection (timm ViT default)."""
-    norm_eps: float = 1e-6
-    """LayerNorm epsilon."""
-    vocab_size: int = 32000
-    """Text vocabulary size (set from the tokenizer by the trainer)."""
-    max_text_len: int = 64
-    """Longest text sequence (context length) including BOS/EOS."""
-    embed_dim: int = 512
-    """Width of the L2-normalised image/text embeddings (projection heads)."""
-    modality_experts: bool = False
-    """VLMo / BEiT-3 style experts: per-modality norms and MLPs, shared attention."""
-    text_embed_depth: int = 0
-    """Text is unimodal in the first K blocks: the text embedding is read after them and captions
-    attend to the image only from block K on (CoCa in one pass); 0 means all blocks / from block 0."""
-    pre_norm: bool = False
-    """LayerNorm on the image tokens after the position embeddings (timm ``norm_pre``, CLIP's
-    ``pre_layrnorm``); needed for an exact export to transformers' CLIPModel."""
-    patch_dropout: float = 0.0
-    """FLIP patch dropout: share of patches dropped at random in training (0 disables)."""
-    tie_word_embeddings: bool = True
-    """Tie lm_head to text_embed."""
-    attn_backend: Optional[str] = None
-    """Attention backend: sdpa, flex, flash_attn, eager or sdpa_aligned (sdpa whose masked calls pad the keys
-    to a multiple of 8, for cuDNN's aligned kernels; untimed yet) (None: $VLPRETRAIN_ATTN, then sdpa)."""
-    pad_token_id: int = 0
-    """Padding token id."""
-    bos_token_id: int = 1
-    """Beginning-of-sequence token id (also the decoder start token)."""
-    eos_token_id: int = 2
-    """End-of-sequence token id."""
-    mask_token_id: Optional[int] = 4
-    """Mask token id for masked token modelling (None: the tokenizer has none)."""
-
-    def validate(self) -> None:
-        """Raise ConfigError naming the first inconsistent key and the fix."""
-        from vlpretrain.layers.attention import BACKENDS
-
-        positive = ["image_size", "patch_size", "in_chans", "width", "depth", "num_heads", "vocab_size", "embed_dim"]
-        raise_first_failure([(getattr(self, k) > 0, f"model.{k}", f"{getattr(self, k)} must be > 0") for k in positive])
-        checks = [
-            (self.image_size % self.patch_size == 0, "model.image_size",
-             f"{self.image_size} is not a multiple of model.patch_size={self.patch_size}"),
-            (self.width % self.num_heads == 0, "model.width",
-             f"{self.width} is not a multiple of model.num_heads={self.num_heads}"),
-            (0 <= self.text_embed_depth <= self.depth, "model.text_embed_depth",
-             f"{self.text_embed_depth} must lie in [0, model.depth={self.depth}]"),
-            (0.0 <= self.patch_dropout < 1.0, "model.patch_dropout", f"{self.patch_dropout} must lie in [0, 1)"),
-            (self.attn_backend is None or self.attn_backend in BACKENDS, "model.attn_backend",
-             f"'{self.attn_backend}' is not one of {', '.join(BACKENDS)}"),
-            (self.max_text_len >= 2, "model.max_text_len", f"{self.max_text_len} leaves no room for BOS and EOS"),
-        ]
-        for name in ("pad_token_id", "bos_token_id", "eos_token_id", "mask_token_id"):
-            value = getattr(self, name)
-            if value is None and name == "mask_token_id":
-                continue
-            checks.append((0 <= value < self.vocab_size, f"model.{name}",
-                           f"{value} is outside the vocabulary [0, model.vocab_size={self.vocab_size})"))
-        raise_first_failure(checks)
+from vlpretrain.errors import ConfigError, closest_hint, raise_first_failure
+from vlpretrain.models.config import ModelConfig
+from vlpretrain.models.presets import preset_values
+from vlpretrain.objectives import validate_objective_entries
 
 
 @dataclass
@@ -151,6 +63,7 @@ class OptimConfig:
         raise_first_failure(checks)
 
 
+FREEZE_RECIPES = ("image_path", "image_only", "text_only")  # vlpretrain.finetune.FREEZE
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that replay CUDA graphs
 
@@ -188,9 +101,15 @@ class TrainConfig:
     trackers: list[str] = field(default_factory=list)
     """Accelerate trackers to log to: wandb (WANDB_MODE=offline works), tensorboard."""
     init_from: Optional[str] = None
-    """Start from the weights of a model folder (export, run.dir/model) or a checkpoints/step_N folder."""
+    """Start from the weights of a model folder (export, run.dir/model) or a checkpoints/step_N folder; or
+    timm:NAME, a timm ViT (timm's resolution: cache, hf-hub:, local-dir:) into the image path, with the
+    trunk's shape taken from it and the run's image/patch size (embeddings resampled); text and heads fresh."""
     export: bool = True
     """Save the final model and processor as a HuggingFace folder in run.dir/model at the end."""
+    freeze: Optional[str] = None
+    """Parameters kept frozen (vlpretrain.finetune): image_path (LiT: everything image tokens pass through,
+    shared blocks included; text-only parameters train), image_only or text_only (one modality's own
+    parameters; the shared blocks train). None: all train."""
 
     def __post_init__(self):
         if self.precision in ("False", "false"):  # YAML (and a key=value override) reads a bare `no` as false
@@ -214,6 +133,8 @@ class TrainConfig:
             (self.ckpt_every >= 0, "train.ckpt_every", f"{self.ckpt_every} must be >= 0"),
             (self.keep_last >= 1, "train.keep_last", f"{self.keep_last} must be >= 1"),
             (self.max_nonfinite >= 1, "train.max_nonfinite", f"{self.max_nonfinite} must be >= 1"),
+            (self.freeze is None or self.freeze in FREEZE_RECIPES, "train.freeze",
+             f"'{self.freeze}' is not one of {', '.join(FREEZE_RECIPES)} (or null)"),
             (set(self.trackers) <= {"wandb", "tensorboard"}, "train.trackers",
              f"{self.trackers} may only name wandb and tensorboard"),
         ]
@@ -359,8 +280,6 @@ class ExperimentConfig:
     def validate(self) -> None:
         import importlib
 
-        from vlpretrain.objectives import validate_objective_entries
-
         for module in self.imports:
             try:
                 importlib.import_module(module)
@@ -376,13 +295,6 @@ class ExperimentConfig:
 
 # ----------------------------------------------------------------------------------------------
 # loading
-
-
-def _closest(key: str, options: list[str], prefix: str = "") -> str:
-    match = difflib.get_close_matches(key, options, n=1, cutoff=0.5)
-    if match:
-        return f" Did you mean '{prefix}{match[0]}'?"
-    return f" Valid keys here: {', '.join(prefix + o for o in sorted(options))}."
 
 
 def _dataclass_at(schema: Any, path: list[str]) -> Any:
@@ -412,15 +324,13 @@ def _explain(exc: OmegaConfBaseException, schema: type, source: str) -> ConfigEr
         if owner is not None and dataclasses.is_dataclass(owner):
             names = [f.name for f in dataclasses.fields(owner)]
             prefix = ".".join(parts[:-1]) + "." if len(parts) > 1 else ""
-            return ConfigError(f"{source}: unknown config key '{full_key}'.{_closest(parts[-1], names, prefix)}")
+            return ConfigError(f"{source}: unknown config key '{full_key}'.{closest_hint(parts[-1], names, prefix)}")
     msg = str(exc).splitlines()[0]
     return ConfigError(f"{source}: invalid value for '{full_key}': {msg}")
 
 
 def apply_preset(raw: DictConfig) -> DictConfig:
     """Replace ``model`` by the preset's values with the file's own model keys on top."""
-    from vlpretrain.models.presets import preset_values
-
     model = raw.get("model") if isinstance(raw, DictConfig) else None
     if model is None or model.get("preset") is None:
         return raw

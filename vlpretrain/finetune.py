@@ -5,11 +5,17 @@
 :class:`VLModelForImageClassification` puts a linear head on the L2-normalised image embedding; the
 head can start as the zero-shot classifier built from class-name prompts.
 
-The backbone is SHARED by image and text tokens, so only parameters that one modality alone uses can
-be frozen for it: :func:`lock_image_tower` and :func:`lock_text` never freeze the shared blocks
-(attention, and norms/MLPs unless the model has modality experts) nor ``modality_embed`` (one
-tensor holding both modalities' rows). To freeze everything but a head, use
-``model.requires_grad_(False)`` and unfreeze the head.
+The backbone is SHARED by image and text tokens, so what "the image tower" means must be said:
+
+- :func:`freeze_image_only` / :func:`freeze_text_only` freeze the parameters one modality alone uses;
+  the shared blocks (attention, and norms/MLPs unless the model has modality experts) and
+  ``modality_embed`` (one tensor, both modalities' rows) stay trainable, so image features still change.
+- :func:`lock_image_path` is LiT (locked-image tuning): every parameter image tokens pass through is
+  frozen, shared blocks included, so image embeddings stay exactly as pretrained; what trains is what
+  text alone uses (embeddings, ``text_proj``, and with modality experts the text norms and MLPs, which
+  makes LiT on an experts model a real text tower). ``train.freeze: image_path`` applies it in the trainer.
+
+To freeze everything but a head, use ``model.requires_grad_(False)`` and unfreeze the head.
 """
 
 from __future__ import annotations
@@ -120,21 +126,32 @@ def _freeze(model: nn.Module, names: list[str]) -> list[str]:
     return names
 
 
-def lock_image_tower(model: VLModel) -> list[str]:
-    """LiT: freeze the parameters only image tokens use; returns their names.
+def freeze_image_only(model: VLModel) -> list[str]:
+    """Freeze the parameters only image tokens use; returns their names.
 
     That is ``patch_embed``, ``cls_token``, ``pos_embed``, ``norm_pre``, ``image_proj`` and, with
     modality experts, each block's image norms and MLP and the final image ``norm``. The shared
-    blocks (and ``modality_embed``) stay trainable: they cannot be frozen for one modality only.
+    blocks (and ``modality_embed``) stay trainable: see :func:`lock_image_path` for LiT.
     """
     return _freeze(model, _image_only_names(model))
 
 
-def lock_text(model: VLModel) -> list[str]:
+def freeze_text_only(model: VLModel) -> list[str]:
     """Freeze the parameters only text tokens use: ``text_embed`` (= the tied ``lm_head``),
     ``text_pos_embed``, ``text_proj`` and, with modality experts, the text norms and MLPs. The shared
-    blocks stay trainable (see :func:`lock_image_tower`)."""
+    blocks stay trainable."""
     return _freeze(model, _text_only_names(model))
+
+
+def lock_image_path(model: VLModel) -> list[str]:
+    """LiT: freeze every parameter image tokens pass through (all but the text-only ones); returns their
+    names. Image embeddings no longer change; text-only parameters train."""
+    text_only = set(_text_only_names(model))
+    return _freeze(model, [n for n, _ in model.named_parameters() if n not in text_only])
+
+
+# train.freeze values (vlpretrain.config.FREEZE_RECIPES) -> what they freeze
+FREEZE = {"image_path": lock_image_path, "image_only": freeze_image_only, "text_only": freeze_text_only}
 
 
 def apply_lora(model: nn.Module, r: int = 8, alpha: int = 16, dropout: float = 0.0,

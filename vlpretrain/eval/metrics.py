@@ -8,20 +8,31 @@ import torch
 
 
 def multi_caption_recall(image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_image: torch.Tensor,
-                         ks=(1, 5, 10)) -> dict[str, float]:
+                         ks=(1, 5, 10), chunk_elements: int = 1 << 24) -> dict[str, float]:
     """Recall@k both ways when an image has several captions (COCO / Flickr protocol).
 
     image_emb (N, E), text_emb (M, E) L2-normalised; text_to_image (M,) the image index of each
     caption. ``i2t_r@k``: share of images with ANY of their captions among the top k captions;
     ``t2i_r@k``: share of captions whose image is among the top k images (every caption ranks all
-    N images). Ties count against the pair.
+    N images). Ties count against the pair. The (N, M) similarities are computed a block of image rows
+    at a time (about ``chunk_elements`` values), so memory grows with N + M, not N x M.
     """
-    sim = image_emb.float() @ text_emb.float().T  # (N, M)
-    own = text_to_image[None, :] == torch.arange(len(image_emb))[:, None]  # (N, M) caption belongs to image
-    best_own = sim.masked_fill(~own, float("-inf")).max(1).values  # (N,) best score of an own caption
-    i2t_rank = (sim.masked_fill(own, float("-inf")) >= best_own[:, None]).sum(1)  # (N,) others ranked above
-    true = sim[text_to_image, torch.arange(len(text_emb))]  # (M,) score of each caption's own image
-    t2i_rank = (sim >= true[None, :]).sum(0) - 1  # (M,) other images scoring at least as high
+    image_emb, text_emb = image_emb.float(), text_emb.float()
+    N, M = len(image_emb), len(text_emb)
+    rows = max(1, chunk_elements // max(M, 1))
+    i2t_rank = torch.empty(N, dtype=torch.long)
+    true = torch.empty(M)  # (M,) score of each caption's own image, from the same matmul as the others
+    for a in range(0, N, rows):
+        sim = image_emb[a:a + rows] @ text_emb.T  # (r, M)
+        own = text_to_image[None, :] == torch.arange(a, a + len(sim))[:, None]  # (r, M) caption belongs to image
+        best_own = sim.masked_fill(~own, float("-inf")).max(1).values  # (r,) best score of an own caption
+        i2t_rank[a:a + rows] = (sim.masked_fill(own, float("-inf")) >= best_own[:, None]).sum(1)  # others above
+        here = (text_to_image >= a) & (text_to_image < a + len(sim))  # (M,) captions of these images
+        true[here] = sim[text_to_image[here] - a, here.nonzero()[:, 0]]
+    t2i_at_least = torch.zeros(M, dtype=torch.long)  # (M,) images scoring at least the own one's score
+    for a in range(0, N, rows):
+        t2i_at_least += (image_emb[a:a + rows] @ text_emb.T >= true[None, :]).sum(0)
+    t2i_rank = t2i_at_least - 1  # the own image is among them
     out = {}
     for k in ks:
         out[f"i2t_r@{k}"] = (i2t_rank < k).float().mean().item()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,11 +21,11 @@ class EvalSample:
     label: int | None
 
 
-def read_samples(spec: str, processor, max_samples: int = 0) -> list[EvalSample]:
-    """Up to ``max_samples`` (0: all) samples of the shards ``spec``, images decoded by the processor's
-    transform (header checks, EXIF, RGB); captions by the training reader's rule (``.json`` captions,
-    else its caption, else ``.txt``). Samples whose image does not decode are skipped."""
-    out = []
+def iter_samples(spec: str, processor, max_samples: int = 0) -> Iterator[EvalSample]:
+    """Up to ``max_samples`` (0: all) samples of the shards ``spec``, one at a time, images decoded by the
+    processor's transform (header checks, EXIF, RGB); captions by the training reader's rule (``.json``
+    captions, else its caption, else ``.txt``). Samples whose image does not decode are skipped."""
+    seen = 0
     for url in [u for source in expand_sources(spec) for u in source]:
         for _, key, parts in _grouped(url):
             image_ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in parts), None)
@@ -39,12 +40,29 @@ def read_samples(spec: str, processor, max_samples: int = 0) -> list[EvalSample]
             except BadSample:
                 captions = []
             label = int(parts["cls"].decode().strip()) if "cls" in parts else None
-            out.append(EvalSample(key, image, captions, label))
-            if max_samples and len(out) >= max_samples:
-                return out
-    if not out:
+            yield EvalSample(key, image, captions, label)
+            seen += 1
+            if max_samples and seen >= max_samples:
+                return
+    if not seen:
         raise ValueError(f"no readable image samples in '{spec}'.")
-    return out
+
+
+def read_samples(spec: str, processor, max_samples: int = 0) -> list[EvalSample]:
+    """:func:`iter_samples` as a list (every image held: for small reads, e.g. a sample sheet)."""
+    return list(iter_samples(spec, processor, max_samples))
+
+
+def batched(samples: Iterable[EvalSample], size: int) -> Iterator[list[EvalSample]]:
+    """Consecutive lists of ``size`` samples (the last may be shorter)."""
+    batch = []
+    for sample in samples:
+        batch.append(sample)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 def load_class_names(spec: str, given: list[str] | None) -> list[str] | None:

@@ -8,9 +8,13 @@ Expressible when the model has no modality experts (CLIP's towers have one norm/
   ``norm_pre``; ``post_layernorm`` = ``norm`` (applied to the cls token only, per-token anyway).
 - text: ``token_embedding`` = ``text_embed``; ``position_embedding`` = ``text_pos_embed`` + text modality
   embedding; the first ``text_embed_depth`` blocks (0: all); ``final_layer_norm`` = ``norm``; causal.
-- both towers get copies of the shared blocks (``qkv`` split into ``q/k/v_proj``); projections as is;
-  ``logit_scale`` is the checkpoint's ``objectives.contrastive.logit_scale`` (a 1-element tensor in
-  training, a 0-d scalar in CLIP), else ln(1/0.07).
+- both towers get copies of the shared blocks (``qkv`` split into ``q/k/v_proj``); projections and
+  ``logit_scale`` (the checkpoint's ``objectives.contrastive.logit_scale``, a 1-element tensor in training,
+  else ln(1/0.07)) as is.
+- a sigmoid (SigLIP) loss's ``logit_bias``, which CLIPModel has no place for, stays in the folder as
+  ``config.json``'s ``logit_bias`` and the model card says so (softmax over labels, as the zero-shot
+  pipeline computes, is unchanged by it; sigmoid probabilities need it). Scale or bias unknown (a
+  model folder without a training record) is said too, never filled in silently.
 
 Pooling: ``CLIPTextTransformer`` pools at the first ``eos_token_id`` unless that id is 2, where it
 keeps the legacy rule (the position of the largest id). Our EOS is 2, so the export moves EOS to the
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -46,6 +51,27 @@ def check_expressible(config) -> None:
                              "or export with --format hf.")
     if config.vocab_size < 4:
         raise NotExpressible(f"--format clip: vocab_size={config.vocab_size} leaves no id to move EOS to.")
+
+
+class ClipExportNote(UserWarning):
+    """Something a CLIP export could not carry as CLIPModel weights; the folder's README says it too."""
+
+
+def logit_notes(info) -> list[str]:
+    """What the model card and the command line say about the contrastive scale and bias of ``info``."""
+    notes = []
+    if info.logit_scale is None:
+        notes.append(f"The trained logit scale is unknown (a model folder without a training record): CLIP's "
+                     f"initial value ln(1/0.07) = {DEFAULT_LOGIT_SCALE:.4f} is written. Export from the run's "
+                     "checkpoints/step_N folder to carry the trained one.")
+    if info.logit_bias is not None:
+        notes.append(f"Trained with a sigmoid (SigLIP) loss, whose logit bias {info.logit_bias:.6g} CLIPModel has no "
+                     "parameter for: it is kept as `logit_bias` in config.json. The pairwise logits are "
+                     "`logits_per_image + config.logit_bias`, and a pair's probability is their sigmoid. A softmax "
+                     "over candidate labels (the zero-shot pipeline's) does not depend on the bias.")
+    elif info.logit_scale is None and not info.objectives:
+        notes.append("Whether a logit bias was trained (a sigmoid loss) is unknown; none is written.")
+    return notes
 
 
 def clip_config(config, eos_id: int, logit_scale: float):
@@ -163,8 +189,11 @@ def export_clip(loaded: LoadedModel, out: str | Path, license: str = "apache-2.0
     logit_scale = info.logit_scale if info.logit_scale is not None else DEFAULT_LOGIT_SCALE
     clip = CLIPModel(clip_config(model.config, eos_id, logit_scale)).eval()
     clip.load_state_dict(clip_state_dict(model, eos_id, logit_scale), strict=True)
+    if info.logit_bias is not None:
+        clip.config.logit_bias = info.logit_bias  # saved in config.json beside CLIP's own keys
     stock = CLIPProcessor(image_processor=clip_image_processor(processor.image_settings),
                           tokenizer=clip_tokenizer(processor.tokenizer, eos_id))
+    notes = logit_notes(info)
     with atomic_folder(out) as tmp:
         clip.save_pretrained(tmp)
         stock.save_pretrained(tmp)
@@ -173,5 +202,8 @@ def export_clip(loaded: LoadedModel, out: str | Path, license: str = "apache-2.0
             "tags: [clip, vlpretrain]\n---\n\nA vlpretrain model as a native `transformers.CLIPModel` "
             f"(EOS moved to id {eos_id} so CLIP pools at it).\n\n```python\nfrom transformers import pipeline\n"
             "classify = pipeline(\"zero-shot-image-classification\", model=\"PATH\")\n"
-            "classify(image, candidate_labels=[\"cat\", \"dog\"])\n```\n")
+            "classify(image, candidate_labels=[\"cat\", \"dog\"])\n```\n"
+            + "".join(f"\n{note}\n" for note in notes))
+    for note in notes:
+        warnings.warn(f"--format clip: {note}", ClipExportNote, stacklevel=2)
     return Path(out)

@@ -4,7 +4,7 @@
 folder, and transformers copies every file it reaches through relative imports (``from .x import``).
 So each source module the model and processor need is written as one flat file, its
 ``from vlpretrain.a.b import`` lines rewritten to ``from .<flat name> import``. Modules that also hold
-training-only code (``config.py``, ``tokenizer.py``) contribute only the named definitions, with just
+training-only code (``tokenizer.py``) contribute only the named definitions, with just
 the imports those definitions use. Nothing is hand-copied: a change to the model is exported as is.
 An import of a vlpretrain module that is not part of the export is an error at export time.
 """
@@ -20,11 +20,11 @@ from pathlib import Path
 
 # (file written into the export, source module, top-level names taken from it; None: the whole module)
 REMOTE_MODULES: list[tuple[str, str, tuple[str, ...] | None]] = [
-    ("vl_config.py", "vlpretrain.config", ("ConfigError", "raise_first_failure", "ModelConfig")),
+    ("vl_errors.py", "vlpretrain.errors", None),
+    ("vl_config.py", "vlpretrain.models.config", None),
     ("vl_attention.py", "vlpretrain.layers.attention", None),
-    ("vl_precision.py", "vlpretrain.layers.precision", None),
     ("vl_mlp.py", "vlpretrain.layers.mlp", None),
-    ("vl_functional.py", "vlpretrain.objectives.functional", None),
+    ("vl_losses.py", "vlpretrain.models.losses", None),
     ("vl_heads.py", "vlpretrain.models.heads", None),
     ("vl_backbone.py", "vlpretrain.models.backbone", None),
     ("vl_generation.py", "vlpretrain.models.generation", None),

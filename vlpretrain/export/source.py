@@ -40,7 +40,8 @@ class TrainingInfo:
     steps: int | None = None
     samples_seen: int | None = None
     eval: dict[str, float] = field(default_factory=dict)
-    logit_scale: float | None = None  # log of the contrastive temperature's inverse, as CLIP stores it (a scalar)
+    logit_scale: float | None = None  # log of the contrastive temperature's inverse, as CLIP stores it
+    logit_bias: float | None = None  # the sigmoid (SigLIP) loss's learnt bias; None: no bias was trained
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items()}
@@ -110,13 +111,23 @@ def _from_checkpoint(path: Path) -> LoadedModel:
     state = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
     load_strict(model, state, f"checkpoint '{path}' (the model its config.yaml describes)")
     state_json = json.loads((path / "trainer_state.json").read_text())
-    scale = weights.get("objectives.contrastive.logit_scale")
+    scale, bias = (_scalar(weights, f"objectives.contrastive.{name}") for name in ("logit_scale", "logit_bias"))
     info = TrainingInfo(objectives=[dict(vars(o)) if not isinstance(o, dict) else o for o in cfg.objectives],
                         data=str(cfg.data.train), steps=state_json.get("step"),
                         samples_seen=state_json.get("samples_seen"), eval=_eval_figures(path.parent.parent,
                                                                                          state_json.get("step")),
-                        logit_scale=float(scale.reshape(())) if scale is not None else None)  # (1,) or 0-d
+                        logit_scale=scale, logit_bias=bias)
     return LoadedModel(model, processor, info)
+
+
+def _scalar(weights: dict[str, torch.Tensor], key: str) -> float | None:
+    """The learnt scalar stored under ``key`` (a 0-d tensor, or 1-element as FSDP keeps them), else None."""
+    value = weights.get(key)
+    if value is None:
+        return None
+    if value.numel() != 1:
+        raise ValueError(f"checkpoint weight '{key}' has shape {tuple(value.shape)}; expected one value.")
+    return float(value.reshape(()))
 
 
 def _eval_figures(run_dir: Path, step: int | None) -> dict[str, float]:

@@ -8,16 +8,17 @@ experts add ``blocks.N.{text_norm1,text_norm2,text_mlp}`` and ``text_norm`` besi
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from vlpretrain.config import ModelConfig
 from vlpretrain.layers.attention import BACKENDS, Attention, AttentionLayout, KVCache, resolve_backend
 from vlpretrain.layers.mlp import Mlp
-from vlpretrain.layers.precision import checkpoint_contexts
+from vlpretrain.models.config import ModelConfig
 from vlpretrain.models.heads import IMAGE_POOL_INDEX, text_pool_index
 
 
@@ -112,6 +113,7 @@ class VLBackbone(nn.Module):
             self.text_norm = nn.LayerNorm(D, eps=cfg.norm_eps)
         self.attn_backend = resolve_backend(cfg.attn_backend)
         self.gradient_checkpointing = False  # the attribute HF's activation_checkpointing_enable sets
+        self.low_precision_emulation: Callable[[], contextlib.AbstractContextManager] | None = None
 
     # -- switches -----------------------------------------------------------------------------
     def set_attn_backend(self, name: str) -> None:
@@ -121,6 +123,21 @@ class VLBackbone(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.gradient_checkpointing = enable
+
+    def set_low_precision_emulation(self, make_mode: Callable[[], contextlib.AbstractContextManager] | None) -> None:
+        """Tell the model that it runs under a trainer's emulated bf16/fp16 (``make_mode()`` makes the
+        context the trainer enters around each step; vlpretrain.train.precision), so that the work done
+        outside that context runs the same way: gradient checkpointing's recomputation in the backward
+        enters a fresh one, and the MLPs run their own backward's matmuls on fp32 kernels. None: off."""
+        self.low_precision_emulation = make_mode
+        for module in self.modules():
+            if isinstance(module, Mlp):
+                module.emulate_low_precision = make_mode is not None
+
+    def _checkpoint_contexts(self):
+        """``context_fn`` for ``torch.utils.checkpoint``: the recomputation runs under the emulation (a
+        mode entered around the step does not reach the backward)."""
+        return contextlib.nullcontext(), self.low_precision_emulation()
 
     def no_weight_decay(self) -> set[str]:
         return {"cls_token", "pos_embed", "text_pos_embed", "modality_embed", "text_embed.weight"}
@@ -246,8 +263,9 @@ class VLBackbone(nn.Module):
                 hidden[i] = x
             index = pooled_index if i == depth - 1 else None
             if self.gradient_checkpointing and torch.is_grad_enabled() and cache is None:
-                # (torch.compile recomputes from its traced graph and takes no context_fn)
-                context = {} if torch.compiler.is_compiling() else {"context_fn": checkpoint_contexts}
+                # (torch.compile recomputes from its traced graph, emulation included, and takes no context_fn)
+                emulated = self.low_precision_emulation is not None and not torch.compiler.is_compiling()
+                context = {"context_fn": self._checkpoint_contexts} if emulated else {}
                 x = checkpoint(block, x, n_img_here, spec, i, self.attn_backend, None, index, use_reentrant=False,
                                **context)
             else:

@@ -2,7 +2,7 @@
 
 ``VLModel`` = :class:`~vlpretrain.models.backbone.VLBackbone` + projection heads + a language-model
 head. It loads and saves with ``from_pretrained`` / ``save_pretrained`` (safetensors) and is known
-to ``AutoConfig`` / ``AutoModel`` once vlpretrain is imported.
+to ``AutoConfig`` / ``AutoModel`` once loaded through ``vlpretrain`` (``vlpretrain.models.auto``).
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
-from vlpretrain.config import ModelConfig
 from vlpretrain.models.backbone import VLBackbone
+from vlpretrain.models.config import ModelConfig
 from vlpretrain.models.generation import generate as generate_captions
 from vlpretrain.models.generation import resolve_config
-from vlpretrain.objectives.functional import next_token_loss
+from vlpretrain.models.losses import next_token_loss
 
 _ARCH_FIELDS = [f.name for f in dataclasses.fields(ModelConfig)]
 

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from vlpretrain.config import ConfigError, raise_first_failure
+from vlpretrain.errors import ConfigError, raise_first_failure
 
 # What a shared forward can provide (see vlpretrain.objectives.shared):
 #   image   (B, Ni, D) final-normed image tokens that never attended to text

@@ -18,9 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlpretrain.objectives import register_objective
+from vlpretrain.models.losses import next_token_loss
+from vlpretrain.objectives.registry import register_objective
 from vlpretrain.objectives.base import Objective, ObjectiveConfig, ObjectiveOutput, SharedFeatures
-from vlpretrain.objectives.functional import next_token_accuracy, next_token_loss
+from vlpretrain.objectives.functional import next_token_accuracy
 
 
 @dataclass

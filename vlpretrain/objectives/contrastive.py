@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlpretrain.objectives import register_objective
+from vlpretrain.objectives.registry import register_objective
 from vlpretrain.objectives.base import CoupledObjective, ObjectiveConfig, ObjectiveOutput, SharedFeatures
 from vlpretrain.objectives.distributed import gather_with_grad, world
 from vlpretrain.objectives.embeddings import pooled_image_embedding, pooled_text_embedding

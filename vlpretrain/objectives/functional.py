@@ -14,36 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100
+from vlpretrain.models.losses import IGNORE_INDEX
 
 
 # ----------------------------------------------------------------------------------------------
-# text: next-token and masked-token prediction
-
-
-def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                    per_caption: bool = False) -> torch.Tensor:
-    """Causal LM cross-entropy: the logit at position t predicts label t+1.
-
-    logits (B, T, V), or (B, T-1, V) without the last position (which predicts nothing: computing the
-    head without it saves its FLOPs and a copy), labels (B, T) with IGNORE_INDEX where no loss is
-    wanted; positions where ``attention_mask`` is 0 are ignored too. ``per_caption=False`` averages
-    over all predicted tokens of the batch; ``True`` averages each caption's tokens first, then the captions.
-    """
-    T = labels.shape[1]
-    targets = labels[:, 1:]  # (B, T-1)
-    if attention_mask is not None:
-        targets = targets.masked_fill(attention_mask[:, 1:] == 0, IGNORE_INDEX)
-    pred = logits[:, :T - 1].float()  # (B, T-1, V)
-    # rows of (B*(T-1), V): the class dimension contiguous (a (B, V, T-1) transpose runs ~1.25x slower on a CPU)
-    token_loss = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX,
-                                 reduction="none").view(targets.shape)  # (B, T-1)
-    counted = (targets != IGNORE_INDEX).float()  # (B, T-1)
-    if not per_caption:
-        return token_loss.sum() / counted.sum().clamp(min=1)
-    per_row = token_loss.sum(1) / counted.sum(1).clamp(min=1)  # (B,) 0 for a caption with no counted token
-    has_tokens = (counted.sum(1) > 0).float()
-    return per_row.sum() / has_tokens.sum().clamp(min=1)  # mean over captions with tokens (0 if none)
+# text: next-token and masked-token prediction (the next-token loss itself: vlpretrain.models.losses)
 
 
 def next_token_accuracy(logits: torch.Tensor, labels: torch.Tensor,

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlpretrain.objectives import register_objective
+from vlpretrain.objectives.registry import register_objective
 from vlpretrain.objectives.base import Objective, ObjectiveConfig, ObjectiveOutput, SharedFeatures
 from vlpretrain.objectives.functional import mae_loss, norm_pix_target, patchify, random_masking
 

@@ -20,15 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlpretrain.objectives import (
-    Objective,
-    ObjectiveConfig,
-    ObjectiveOutput,
-    SharedFeatures,
-    register_objective,
-)
+from vlpretrain.objectives.base import Objective, ObjectiveConfig, ObjectiveOutput, SharedFeatures
 from vlpretrain.objectives.embeddings import pooled_image_embedding, pooled_text_embedding
 from vlpretrain.objectives.functional import IGNORE_INDEX
+from vlpretrain.objectives.registry import register_objective
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """``accelerate launch -m vlpretrain.train [--config FILE] [--resume auto] [key.sub=value ...]``.
 
-With no config it runs the embedded default, ``configs/demo.yaml``: a small model on synthetic
-shards it generates on first use, then evaluation and an export, then a summary of where
-everything is.
+With no config it runs the embedded default, ``vlpretrain/configs/demo.yaml`` (shipped inside the
+package; the repository's ``configs/demo.yaml`` links to it): a small model on synthetic shards it
+generates on first use under the working directory, then evaluation and an export, then a summary
+of where everything is.
 """
 
 from __future__ import annotations
@@ -14,22 +15,21 @@ from pathlib import Path
 
 from vlpretrain.config import ConfigError, load_config
 
-DEMO = Path("configs") / "demo.yaml"
+DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"  # package data (pyproject.toml)
 
 
 def default_config() -> Path:
-    """``configs/demo.yaml`` of the working directory, else of the repository vlpretrain came from."""
-    for root in (Path.cwd(), Path(__file__).resolve().parents[2]):
-        if (root / DEMO).is_file():
-            return root / DEMO
-    raise ConfigError(f"no --config given and no {DEMO} found in {Path.cwd()} or the vlpretrain repository; "
-                      "pass --config FILE.")
+    """The embedded demo config, shipped inside the package (any install, editable or not)."""
+    if not DEMO.is_file():
+        raise ConfigError(f"no --config given and the packaged demo config {DEMO} is missing (an install without "
+                          "its package data?); reinstall vlpretrain or pass --config FILE.")
+    return DEMO
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vlpretrain train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", type=Path, default=None, help="experiment YAML (default: configs/demo.yaml)")
+    p.add_argument("--config", type=Path, default=None, help="experiment YAML (default: the packaged demo config)")
     p.add_argument("--resume", default=None, help="'auto' or a checkpoint folder (same as train.resume=...)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=100")
     return p

@@ -10,6 +10,7 @@ not hardware FLOPs. A step's FLOPs are 3x its forward FLOPs (backward ~ 2x forwa
 
 from __future__ import annotations
 
+import re
 import time
 
 import torch
@@ -18,11 +19,27 @@ from torch import nn
 from vlpretrain.layers.attention import Attention
 from vlpretrain.layers.mlp import Mlp
 
-# dense bf16/fp16 tensor-core peaks (FLOP/s) of known GPUs, by a substring of the device name
-GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12,
-                 "4090": 165e12, "V100": 125e12}
-GPU_PEAK_FP32 = {"H200": 67e12, "H100": 67e12, "A100": 19.5e12, "L40S": 91.6e12, "A10G": 31.2e12, "L4": 30.3e12,
-                 "4090": 82.6e12, "V100": 15.7e12}
+# Dense peaks (FLOP/s) of known GPUs from their datasheets: (name pattern, bf16/fp16 tensor core, fp32).
+# Matched as whole words of torch.cuda.get_device_name, most specific first: "L4" is not "L40", an
+# "H100 PCIe" is not the SXM part ("NVIDIA H100 80GB HBM3"). Unknown names get no MFU.
+GPU_PEAKS: list[tuple[str, float, float]] = [
+    (r"H200 NVL", 835e12, 60e12), (r"H200", 989e12, 67e12),
+    (r"H100 PCIE", 756e12, 51e12), (r"H100 NVL", 835e12, 60e12), (r"H100", 989e12, 67e12),
+    (r"A100", 312e12, 19.5e12),
+    (r"L40S", 362e12, 91.6e12), (r"L40", 181e12, 90.5e12), (r"L4", 121e12, 30.3e12),
+    (r"A10G?", 125e12, 31.2e12),
+    (r"RTX 4090", 165e12, 82.6e12),
+    (r"V100.*PCIE", 112e12, 14e12), (r"V100", 125e12, 15.7e12),
+]
+
+
+def gpu_peak_flops(name: str, low_precision: bool) -> float | None:
+    """The datasheet peak of the GPU called ``name`` (as torch.cuda.get_device_name says it), or None."""
+    words = " ".join(re.split(r"[\s_-]+", name.upper()))  # "A100-SXM4-80GB" -> "A100 SXM4 80GB"
+    for pattern, bf16, fp32 in GPU_PEAKS:
+        if re.search(rf"\b{pattern}\b", words):
+            return bf16 if low_precision else fp32
+    return None
 
 
 def _in_backward() -> bool:
@@ -85,27 +102,39 @@ class FlopCounter:
 _cpu_peak: dict[torch.dtype, float] = {}
 
 
-def measured_cpu_peak(dtype: torch.dtype = torch.float32, seconds: float = 0.3) -> float:
-    """Matmul FLOP/s this CPU reaches (measured once per dtype): the CPU's MFU denominator."""
+def measured_cpu_peak(dtype: torch.dtype = torch.float32, bursts: int = 7, seconds: float = 0.05) -> float:
+    """Matmul FLOP/s this CPU reaches (measured once per dtype): the CPU's MFU denominator. The best of
+    several short bursts, so that other work on the machine during some of them does not lower it."""
     if dtype not in _cpu_peak:
         gen = torch.Generator().manual_seed(0)  # never the global RNG: a resumed run must draw as an unbroken one
         a = torch.randn(1024, 1024, generator=gen).to(dtype)
         b = torch.randn(1024, 1024, generator=gen).to(dtype)
         a @ b  # warm-up
-        n, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            a @ b
-            n += 1
-        _cpu_peak[dtype] = 2.0 * 1024**3 * n / (time.perf_counter() - start)
+        best = 0.0
+        for _ in range(bursts):
+            n, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds:
+                a @ b
+                n += 1
+            best = max(best, 2.0 * 1024**3 * n / (time.perf_counter() - start))
+        _cpu_peak[dtype] = best
     return _cpu_peak[dtype]
 
 
 def device_peak_flops(device: torch.device, low_precision: bool) -> float | None:
     """Peak FLOP/s of ``device`` per process: the table for known GPUs, measured on a CPU, else None."""
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        table = GPU_PEAK_BF16 if low_precision else GPU_PEAK_FP32
-        return next((v for k, v in table.items() if k in name), None)
+        return gpu_peak_flops(torch.cuda.get_device_name(device), low_precision)
     if device.type == "cpu":
         return measured_cpu_peak(torch.bfloat16 if low_precision else torch.float32)
     return None
+
+
+def flop_rates(flops: float, seconds: float, peak: float | None) -> dict[str, float]:
+    """A log window's ``tflops_per_s`` and ``mfu``. MFU is left out without a peak, and where it would
+    exceed 1: the work outran the peak, so the peak (a CPU's, measured) was wrong, not the work."""
+    rate = flops / seconds
+    rates = {"tflops_per_s": rate / 1e12}
+    if peak and rate <= peak:
+        rates["mfu"] = rate / peak
+    return rates

@@ -26,6 +26,9 @@ from vlpretrain.data.shards import ShardStream
 from vlpretrain.data.bootstrap import ensure_synthetic
 from vlpretrain.data.device_decode import DeviceBatches
 from vlpretrain.eval.during_training import evaluate_val_shards
+from vlpretrain.finetune import FREEZE
+from vlpretrain.models.from_timm import PREFIX as TIMM_PREFIX
+from vlpretrain.models.from_timm import describe_load, load_timm_image_path, timm_image_tower
 from vlpretrain.models.modeling import VLConfig, VLModel
 from vlpretrain.models.weights import load_strict
 from vlpretrain.objectives import build_objective_set
@@ -33,10 +36,10 @@ from vlpretrain.train.accumulate import accumulate_backward, backward
 from vlpretrain.train.checkpoint import (
     Trainables, check_data_position, complete_checkpoints, load_checkpoint, resolve_resume, save_checkpoint)
 from vlpretrain.train.integrity import check_resume, check_run_processor, run_tokenizer, save_run_processor
-from vlpretrain.train.flops import FlopCounter, device_peak_flops
+from vlpretrain.train.flops import FlopCounter, device_peak_flops, flop_rates
 from vlpretrain.train.host_reads import LaggedReadback, step_unless
-from vlpretrain.layers.precision import emulates, emulation_note, low_precision_context
-from vlpretrain.train.metrics import MetricsLog, plot_curves
+from vlpretrain.train.precision import emulates, emulation_for, emulation_note, low_precision_context
+from vlpretrain.train.metrics import MetricsLog, logged_eval, plot_curves
 from vlpretrain.train.optim import build_optimizer, build_scheduler
 from vlpretrain.train import sharding
 from vlpretrain.train.unused import ddp_record, decide_ddp
@@ -95,7 +98,7 @@ def _model_from_pretrained(cfg: ExperimentConfig, source, tokenizer) -> VLModel:
 
 def _load_init_from(init_from: str | None):
     """``train.init_from``'s model folder or checkpoint, loaded (weights, processor, facts); None without it."""
-    if not init_from:
+    if not init_from or init_from.startswith(TIMM_PREFIX):  # timm:NAME is read by models/from_timm.py
         return None
     from vlpretrain.export.source import load_source
 
@@ -246,8 +249,11 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
         model = _model_from_pretrained(cfg, pretrained, tokenizer)
         del pretrained  # its weights are copied: no second model held through the run
     else:
+        vit = timm_image_tower(cfg.model, t.init_from)  # timm:NAME: the trunk's shape is the timm ViT's
         _tokenizer_into_model_config(cfg, tokenizer)
         model = VLModel(VLConfig.from_model_config(cfg.model))
+        if vit is not None:
+            accelerator.print(describe_load(load_timm_image_path(model, vit, t.init_from), t.init_from))
     stream = ShardStream(cfg.data, "train", batch_size=micro, image_size=cfg.model.image_size,
                          context_length=cfg.model.max_text_len, tokenizer=tokenizer, rank=rank,
                          world_size=world, seed=cfg.run.seed, pin_memory=accelerator.device.type == "cuda",
@@ -256,6 +262,9 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
         check_data_position(resume, stream)
 
     model.set_grad_checkpointing(t.grad_checkpointing)
+    model.backbone.set_low_precision_emulation(emulation_for(accelerator.device, t.precision))
+    if t.freeze:
+        accelerator.print(f"train.freeze={t.freeze}: {len(FREEZE[t.freeze](model))} parameter tensors frozen")
     objectives = build_objective_set(model, cfg.objectives)
     processor = VLProcessor.from_data_config(cfg.data, cfg.model.image_size, cfg.model.max_text_len, tokenizer)
     check_resume(resume, cfg, objectives)  # every resume check before the first write into run.dir
@@ -382,10 +391,8 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
                           **{k: float(accelerator.reduce(torch.as_tensor(v, device=accelerator.device).float()
                                                          .reshape(1), "mean")) for k, v in out.metrics.items()},
                           **{k: v for k, v in window.items() if k.startswith("skipped/")}}
-                if peak:
-                    flops = counter.take_flops()  # the window's steps (read here: under compile, a device value)
-                    record["mfu"] = flops / window["time"] / peak
-                    record["tflops_per_s"] = flops / window["time"] / 1e12
+                flops = counter.take_flops()  # the window's steps (read here: under compile, a device value)
+                record.update(flop_rates(flops, window["time"], peak))
                 log.log(state.step, record)
                 if (not data_bound_noted and state.step - step_at_start > t.log_every  # the first holds the workers' start
                         and record["data_wait_frac"] > DATA_BOUND_WAIT):
@@ -406,8 +413,9 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
     if final is None or final.name != f"step_{state.step}":
         final = checkpoint()
     wall = time.perf_counter() - start
-    if stopped_by is None:
-        state.eval = _evaluate(cfg, accelerator, module, processor, log, state.step)
+    if stopped_by is None:  # (a finished run resumed trains nothing: its last evaluation stands, logged once)
+        logged = logged_eval(run_dir, state.step) if resume is not None and state.step == step_at_start else None
+        state.eval = logged or _evaluate(cfg, accelerator, module, processor, log, state.step)
     summary = {"run_dir": str(run_dir), "world_size": world, "steps": state.step, "samples_seen": state.samples_seen,
                "stopped_by": stopped_by, "wall_time_s": wall,
                "samples_per_s": (state.samples_seen - samples_at_start) / max(wall, 1e-9),

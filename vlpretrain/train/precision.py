@@ -11,13 +11,16 @@ kernel but for rare one-ulp differences (summation order); attention differs by 
 (the native kernel rounds its probabilities before the weighted sum).
 
 :func:`low_precision_context` is the one switch: autocast via Accelerate, plus the emulation where
-the device is such a CPU; gradient checkpointing passes :func:`checkpoint_contexts` so its
-recomputation in the backward is emulated too.
+the device is such a CPU. The model is told once, when the trainer builds it (:func:`emulation_for`
+into ``VLBackbone.set_low_precision_emulation``), so that gradient checkpointing's recomputation in
+the backward and the MLP's own backward run the same way; nothing global is read by the model.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +35,6 @@ _LOW_PRECISION_OPS = frozenset({
     torch.Tensor.baddbmm, torch.Tensor.addmm, torch.Tensor.addbmm,
 })
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-_active: list[torch.dtype] = []  # dtypes of the emulations entered (innermost last)
 
 
 def cpu_has_native(precision: str) -> bool:
@@ -54,14 +56,6 @@ class EmulatedLowPrecision(TorchFunctionMode):
         super().__init__()
         self.dtype = dtype
 
-    def __enter__(self):
-        _active.append(self.dtype)
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        _active.pop()
-        return super().__exit__(*exc)
-
     def _round(self, value):
         if isinstance(value, torch.Tensor) and value.is_floating_point():
             return value.to(self.dtype).float()
@@ -76,23 +70,10 @@ class EmulatedLowPrecision(TorchFunctionMode):
         return out.to(self.dtype)
 
 
-def fp32_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` of low-precision operands on the fp32 kernel, rounded back: an emulated matmul."""
-    return (a.float() @ b.float()).to(a.dtype)
-
-
-def emulation_active() -> bool:
-    """Whether ops run now are emulated (an :class:`EmulatedLowPrecision` entered, CPU autocast on):
-    for custom autograd functions whose backward must run its matmuls the same way."""
-    return bool(_active) and torch.is_autocast_enabled("cpu")
-
-
-def checkpoint_contexts():
-    """``context_fn`` for ``torch.utils.checkpoint``: the recomputation in the backward runs under the
-    emulation the forward ran under (a function mode entered around the step does not reach it). Eager
-    only: torch.compile recomputes from the graph it traced, emulation included, and takes no context."""
-    recompute = EmulatedLowPrecision(_active[-1]) if _active else contextlib.nullcontext()
-    return contextlib.nullcontext(), recompute
+def emulation_for(device: torch.device, precision: str) -> Callable[[], EmulatedLowPrecision] | None:
+    """What the trainer hands ``VLBackbone.set_low_precision_emulation``: a maker of the emulation
+    :func:`low_precision_context` enters on ``device`` at ``precision``, or None where it enters none."""
+    return partial(EmulatedLowPrecision, _DTYPES[precision]) if emulates(device, precision) else None
 
 
 @contextlib.contextmanager
