@@ -238,6 +238,23 @@ class EvalConfig:
 
 
 @dataclass
+class TeacherConfig:
+    """The one EMA teacher, shared by the objectives that need it (vlpretrain.objectives.teacher)."""
+
+    momentum: float = 0.996
+    """EMA momentum when the teacher starts (teacher = m * teacher + (1 - m) * student after each step)."""
+    momentum_end: float = 1.0
+    """Momentum at train.steps; it rises from momentum along a half cosine (DINO, iBOT)."""
+
+    def validate(self) -> None:
+        raise_first_failure([
+            (0.0 <= self.momentum <= 1.0, "teacher.momentum", f"{self.momentum} must lie in [0, 1]"),
+            (self.momentum <= self.momentum_end <= 1.0, "teacher.momentum_end",
+             f"{self.momentum_end} must lie in [teacher.momentum={self.momentum}, 1]"),
+        ])
+
+
+@dataclass
 class RunConfig:
     """Where a run writes and how it is seeded."""
 
@@ -346,6 +363,7 @@ class ExperimentConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
 
     def validate(self) -> None:
         import importlib
@@ -363,6 +381,7 @@ class ExperimentConfig:
         self.optim.validate()
         self.train.validate()
         self.eval.validate()
+        self.teacher.validate()
 
 
 # ----------------------------------------------------------------------------------------------

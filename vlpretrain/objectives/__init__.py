@@ -126,13 +126,16 @@ def build_objectives(entries: Sequence[Mapping[str, Any]], model_config: Any) ->
 from vlpretrain.objectives.combine import GradCache, ObjectiveSet, ObjectiveSetOutput
 
 
-def build_objective_set(model: Any, entries: Sequence[Mapping[str, Any]]) -> ObjectiveSet:
-    """The :class:`ObjectiveSet` (model + configured objectives) a trainer optimises."""
-    return ObjectiveSet(model, build_objectives(entries, model.config))
+def build_objective_set(model: Any, entries: Sequence[Mapping[str, Any]], total_steps: int | None = None,
+                        teacher: Any = None) -> ObjectiveSet:
+    """The :class:`ObjectiveSet` (model + configured objectives) a trainer optimises; ``total_steps``
+    (train.steps) resolves fractional starts, ``teacher`` (a TeacherConfig) configures the EMA teacher."""
+    return ObjectiveSet(model, build_objectives(entries, model.config), total_steps, teacher)
 
 
 # the built-in objectives register themselves on import
-from vlpretrain.objectives import captioning, contrastive, masked_image, masked_text, matching  # noqa: F401
+from vlpretrain.objectives import (  # noqa: F401
+    captioning, contrastive, masked_image, masked_prediction, masked_text, matching, self_distillation)
 
 __all__ = [
     "NEEDS", "CoupledObjective", "GradCache", "Objective", "ObjectiveConfig", "ObjectiveOutput", "ObjectiveSet",
