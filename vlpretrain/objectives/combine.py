@@ -97,14 +97,24 @@ class ObjectiveSet(nn.Module):
 
     # -- the schedule ---------------------------------------------------------------------------
     def active(self) -> dict[str, Objective]:
-        """The objectives that run at the current step (config order within coupled-first)."""
-        return {k: o for k, o in self.objectives.items() if self.schedules[k].active(self.step)}
+        """The objectives that run at the current step (coupled first, then config order)."""
+        return {k: self.objectives[k] for k in self._active}
 
     def set_step(self, step: int) -> None:
-        """Make ``step`` (optimiser steps done) current: active objectives, their weights, the teacher's start."""
+        """Begin step ``step`` (optimiser steps done): active objectives, their weights, the teacher's start.
+        Call it before each step's forwards: it also drops what objectives gathered for their
+        ``after_optimizer_step`` outside a step (e.g. from the trainer's start-up probe forward)."""
+        for obj in self.objectives.values():
+            begin = getattr(obj, "begin_step", None)
+            if begin is not None:
+                begin()
         if step == self.step:
             return
         self.step = step
+        # what forward reads is decided here, once per step, and changes only at a start: under torch.compile
+        # a guard on the step itself would recompile every step
+        self._active = tuple(k for k in self.objectives if self.schedules[k].active(step))
+        self._teacher_on = self.teacher is not None and step >= self.teacher_start
         # what the shared forward computes: the union of the active objectives' needs
         self.needs = frozenset().union(*(o.needs for o in self.active().values()))
         for key, obj in self.objectives.items():
@@ -117,7 +127,8 @@ class ObjectiveSet(nn.Module):
             self._teacher_initialised_at = step
 
     def teacher_active(self) -> bool:
-        return self.teacher is not None and self.step >= self.teacher_start
+        """Whether the EMA teacher has started (it runs and is updated from its start step on)."""
+        return self._teacher_on
 
     def _student_heads(self) -> dict[str, nn.Module]:
         """The objectives' modules the teacher mirrors, one ModuleDict per teacher-needing objective."""

@@ -149,6 +149,10 @@ class SelfDistillation(Objective):
                        "divergence": loss.detach() - teacher_entropy, "agreement": agreement}
         return ObjectiveOutput(loss, metrics)
 
+    def begin_step(self) -> None:
+        """A new optimiser step: forget teacher logits gathered outside one (e.g. a start-up probe)."""
+        self._center_sum, self._center_count = None, 0
+
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
         """Move the centre towards the mean teacher logits of the step's whole batch (all ranks)."""

@@ -30,14 +30,15 @@ from vlpretrain.eval.during_training import evaluate_val_shards
 from vlpretrain.models.modeling import VLConfig, VLModel
 from vlpretrain.models.weights import load_strict
 from vlpretrain.objectives import build_objective_set
+from vlpretrain.objectives.schedule import check_starts
 from vlpretrain.train.accumulate import accumulate_backward, backward
 from vlpretrain.train.checkpoint import (
-    check_compatible, complete_checkpoints, load_checkpoint, resolve_resume, save_checkpoint)
+    check_compatible, complete_checkpoints, load_checkpoint, resolve_resume, resumed_step, save_checkpoint)
 from vlpretrain.train.flops import FlopCounter, device_peak_flops
 from vlpretrain.train.host_reads import LaggedReadback, step_unless
 from vlpretrain.layers.precision import emulates, emulation_note, low_precision_context
 from vlpretrain.train.metrics import MetricsLog, plot_curves
-from vlpretrain.train.optim import build_optimizer, build_scheduler
+from vlpretrain.train.optim import add_started_groups, build_optimizer, build_scheduler
 from vlpretrain.train.unused import ddp_record, decide_ddp
 
 
@@ -223,6 +224,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
     if emulates(accelerator.device, t.precision):
         accelerator.print(emulation_note(t.precision))
     micro = _micro_batch_size(cfg, world)
+    check_starts(cfg.objectives, t.steps)
     resume = resolve_resume(t.resume, run_dir)
     _check_fresh_run_dir(run_dir, resume)
     if accelerator.is_main_process:
@@ -243,9 +245,11 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
                          normalize=False)  # uint8 to the device, normalised there (_to_device)
 
     model.set_grad_checkpointing(t.grad_checkpointing)
-    objectives = build_objective_set(model, cfg.objectives)
+    objectives = build_objective_set(model, cfg.objectives, t.steps, cfg.teacher)
+    first_step = resumed_step(resume) if resume is not None else 0  # the optimiser holds what trains from it
+    objectives.set_step(first_step)
     unused = decide_ddp(accelerator, objectives)  # before prepare: it sets the DDP kwargs prepare uses
-    optimizer = build_optimizer(objectives, cfg.optim, accelerator.device)
+    optimizer = build_optimizer(objectives, cfg.optim, accelerator.device, start_step=first_step)
     scheduler = build_scheduler(optimizer, cfg.optim, t.steps)
     module, optimizer, scheduler = accelerator.prepare(objectives, optimizer, scheduler)
     cuda_graphs = t.compile and t.compile_mode in CUDA_GRAPH_MODES
@@ -296,6 +300,8 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
                 for reason, n in raw.get("skipped", {}).items():
                     window[f"skipped/{reason}"] = window.get(f"skipped/{reason}", 0) + n
             wait = time.perf_counter() - step_start
+            objectives.set_step(state.step)  # objectives starting now join the optimiser (objectives/schedule.py)
+            add_started_groups(optimizer, scheduler, objectives.parts_starting_at(state.step), cfg.optim)
             module.train()
             if cuda_graphs:  # a new iteration: the previous step's graph outputs may be overwritten from here on
                 torch.compiler.cudagraph_mark_step_begin()
@@ -322,6 +328,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
                 step_unless(optimizer, bad)  # skipped on the device: no host read of the loss here
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            objectives.after_optimizer_step()  # the EMA teacher, self-distillation's centre
             state.step += 1
             n_samples = micro * len(batches) * world  # every micro-batch is full (_next_batch)
             state.samples_seen += n_samples
