@@ -126,6 +126,18 @@ class ObjectiveSet(nn.Module):
             self.teacher.initialise(self.model.backbone, self._student_heads())
             self._teacher_initialised_at = step
 
+    def views(self) -> dict:
+        """The extra views (name -> ``vlpretrain.data.views.ViewSpec``) the configured objectives read, for
+        the data workers; one name, one spec."""
+        found: dict = {}
+        for key, obj in self.objectives.items():
+            for name, spec in (obj.views() if hasattr(obj, "views") else {}).items():
+                if found.get(name, spec) != spec:
+                    raise ValueError(f"objective '{key}' declares view '{name}' as {spec}, another objective as "
+                                     f"{found[name]}; give them the same crops or different names.")
+                found[name] = spec
+        return found
+
     def teacher_active(self) -> bool:
         """Whether the EMA teacher has started (it runs and is updated from its start step on)."""
         return self._teacher_on

@@ -17,8 +17,9 @@ and the student/teacher agreement: ``divergence`` (the loss minus the teacher's 
 KL(teacher || student), 0 when they agree) and ``agreement`` (share of local views whose top
 prototype is the teacher's).
 
-Local crops are cut on the device from ``pixel_values`` (:mod:`vlpretrain.objectives.views`) at
-``local_size`` pixels (positions resampled) until the data pipeline provides views.
+Local crops (``local_size`` px; the backbone resamples its positions) come from the data workers when
+the batch carries ``views["local"]`` (declared by :meth:`views`, made by :mod:`vlpretrain.data.views`),
+else they are cut on the device from ``pixel_values`` (:mod:`vlpretrain.objectives.views`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlpretrain.config import ConfigError
+from vlpretrain.data.views import ViewSpec
 from vlpretrain.objectives import register_objective
 from vlpretrain.objectives.base import Objective, ObjectiveConfig, ObjectiveOutput, SharedFeatures
 from vlpretrain.objectives.distributed import world
@@ -126,12 +128,26 @@ class SelfDistillation(Objective):
     def teacher_modules(self) -> dict[str, nn.Module]:
         return {"head": self.head}
 
+    def views(self) -> dict[str, ViewSpec]:
+        """The extra views it reads, for the data workers (vlpretrain.data.views)."""
+        c = self.cfg
+        return {"local": ViewSpec(c.local_crops, c.local_size, tuple(c.local_scale))}
+
+    def local_views(self, batch: dict) -> torch.Tensor:
+        """(V * B, C, s, s) view-major local crops: the data workers' ``batch["views"]["local"]`` (B, V, C, s, s,
+        normalised) when the batch has them, else cut on the device from ``pixel_values``."""
+        given = (batch.get("views") or {}).get("local")
+        if given is not None:
+            return given.transpose(0, 1).reshape(-1, *given.shape[2:])
+        c = self.cfg
+        return random_resized_crops(batch["pixel_values"], c.local_crops, c.local_size, tuple(c.local_scale))
+
     def forward(self, model: nn.Module, batch: dict, shared: SharedFeatures) -> ObjectiveOutput:
         if shared.teacher is None:
             raise self.error("no teacher features in the shared forward", "run it through an ObjectiveSet")
         cfg, pixels = self.cfg, batch["pixel_values"]
         B = pixels.shape[0]
-        local = random_resized_crops(pixels, cfg.local_crops, cfg.local_size, tuple(cfg.local_scale))  # (VB, C, s, s)
+        local = self.local_views(batch)  # (VB, C, s, s)
         pooled = model.backbone(pixel_values=local, layout="image", any_size=True, pooled_only=True).image[:, 0]
         student = self.head(pooled).view(cfg.local_crops, B, -1)  # (V, B, K)
         with torch.no_grad():
