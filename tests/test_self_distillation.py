@@ -191,3 +191,27 @@ def test_self_distillation_reads_worker_views_when_the_batch_has_them():
     local = torch.randn(6, 4, 3, 16, 16)  # (B, V, C, s, s)
     got = obj.local_views({"pixel_values": torch.randn(6, 3, 32, 32), "views": {"local": local}})
     assert torch.equal(got[1 * 6 + 2], local[2, 1])  # view-major: view v of image b at row v * B + b
+
+
+def test_centre_moves_once_per_step_towards_the_mean_over_all_its_micro_batches():
+    torch.manual_seed(0)
+    objectives = build_objective_set(make_model(), [{**SD, "center_momentum": 0.8}], total_steps=4)
+    obj, teacher = objectives.objectives["self_distillation"], objectives.teacher
+    before = obj.center.clone()
+    batch = shapes_batch(seed=3)
+    halves = [{k: v[:12] for k, v in batch.items()}, {k: v[12:] for k, v in batch.items()}]
+    objectives.set_step(0)
+    for half in halves:  # two micro-batches of one optimiser step
+        objectives(half)
+    assert torch.equal(obj.center, before)  # not moved by a forward
+    objectives.after_optimizer_step()
+    with torch.no_grad():
+        logits = teacher.heads["self_distillation"]["head"](
+            teacher.backbone(pixel_values=batch["pixel_values"], layout="image").image[:, 0])  # (24, K)
+    assert torch.allclose(obj.center, 0.8 * before + 0.2 * logits.mean(0, keepdim=True), atol=1e-6)
+    objectives.set_step(1)
+    objectives(halves[0])
+    objectives.set_step(1)  # a new step begins: what was gathered outside it (a probe forward) is dropped
+    moved = obj.center.clone()
+    objectives.after_optimizer_step()
+    assert torch.equal(obj.center, moved)

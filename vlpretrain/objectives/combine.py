@@ -209,14 +209,14 @@ class ObjectiveSet(nn.Module):
         batch = self.check_batch(batch)
         active = self.active()
         shared = shared_forward(self.model, batch, self.needs)
-        if self.teacher_active() and any(o.needs_teacher for o in active.values()):
-            shared.teacher = self.teacher
-            with torch.no_grad():  # the teacher sees the clean view, whole (it is always in eval mode)
-                shared.teacher_image = self.teacher.backbone(pixel_values=batch["pixel_values"], layout="image").image
         out = ObjectiveSetOutput()
         if embed_only:
             out.embeddings = {k: o.embed(self.model, batch, shared) for k, o in self.coupled().items()}
             return out
+        if self.teacher_active() and any(o.needs_teacher for o in active.values()):
+            shared.teacher = self.teacher
+            with torch.no_grad():  # the teacher sees the clean view, whole (it is always in eval mode)
+                shared.teacher_image = self.teacher.backbone(pixel_values=batch["pixel_values"], layout="image").image
         terms = []
         for key, obj in active.items():
             if grad_cache is not None and obj.coupled:

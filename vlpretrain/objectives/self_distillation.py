@@ -122,8 +122,9 @@ class SelfDistillation(Objective):
         self.head = PrototypeHead(model_config.width, cfg.head_hidden, cfg.head_bottleneck, cfg.prototypes,
                                   cfg.head_layers)
         self.register_buffer("center", torch.zeros(1, cfg.prototypes))  # persistent: checkpointed
-        self._center_sum: torch.Tensor | None = None  # this rank's teacher logits since the last step
-        self._center_count = 0  # (plain attributes: DDP would broadcast rank 0's buffers over them)
+        # this rank's summed teacher logits since the step began, and their count in a last column (a plain
+        # attribute: DDP would broadcast rank 0's buffers over it; the count a tensor: no guard under compile)
+        self._center_sum: torch.Tensor | None = None  # (1, K + 1)
 
     def teacher_modules(self) -> dict[str, nn.Module]:
         return {"head": self.head}
@@ -155,9 +156,8 @@ class SelfDistillation(Objective):
             probs = teacher_probs(teacher, self.center, cfg.teacher_temp)
         loss = distillation_loss(student, probs, cfg.student_temp)
         if self.training:
-            total = teacher.sum(0, keepdim=True)
+            total = torch.cat([teacher.sum(0, keepdim=True), teacher.new_full((1, 1), B)], dim=1)  # (1, K + 1)
             self._center_sum = total if self._center_sum is None else self._center_sum + total
-            self._center_count += B
         with torch.no_grad():
             agreement = (student.argmax(-1) == probs.argmax(-1)[None]).float().mean()
             teacher_entropy = entropy(probs)
@@ -167,16 +167,16 @@ class SelfDistillation(Objective):
 
     def begin_step(self) -> None:
         """A new optimiser step: forget teacher logits gathered outside one (e.g. a start-up probe)."""
-        self._center_sum, self._center_count = None, 0
+        self._center_sum = None
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
         """Move the centre towards the mean teacher logits of the step's whole batch (all ranks)."""
         if self._center_sum is None:
             return
-        stats = torch.cat([self._center_sum.flatten(), self._center_sum.new_tensor([self._center_count])])
+        stats = self._center_sum.clone()  # (1, K + 1)
         if world()[1] > 1:
             dist.all_reduce(stats)
-        mean = stats[:-1].view_as(self.center) / stats[-1]
+        mean = stats[:, :-1] / stats[:, -1:]  # (1, K)
         self.center.copy_(center_update(self.center, mean, self.cfg.center_momentum))
-        self._center_sum, self._center_count = None, 0
+        self._center_sum = None
