@@ -27,7 +27,8 @@ Design (the trainer wires it; :class:`~vlpretrain.objectives.combine.ObjectiveSe
   unused parameters every step (the trainer may instead re-wrap at the start step).
 * **The weight is a device tensor** (``Objective.scheduled_weight``), updated in place: a ramp
   neither synchronises the host nor changes a torch.compile guard; a start changes the set of
-  objectives that run, which recompiles once.
+  objectives that run, which recompiles once (TORCH_LOGS=recompiles on siglip2-base-debug with
+  train.compile=true: one recompile, at the start step, guarded on the active tuple).
 """
 
 from __future__ import annotations
