@@ -87,7 +87,7 @@ def test_every_shipped_config_validates_and_builds(path):
     config = VLConfig.from_model_config(cfg.model)
     if cfg.model.preset in ("debug", "tiny") or path.stem == "demo":
         model = VLModel(config)
-        objectives = build_objective_set(model, cfg.objectives)
+        objectives = build_objective_set(model, cfg.objectives, cfg.train.steps, cfg.teacher)
         assert len(objectives.objectives) == len(cfg.objectives)
 
 

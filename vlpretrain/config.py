@@ -25,6 +25,7 @@ from vlpretrain.errors import ConfigError, closest_hint, raise_first_failure
 from vlpretrain.models.config import ModelConfig
 from vlpretrain.models.presets import preset_values
 from vlpretrain.objectives import validate_objective_entries
+from vlpretrain.objectives.teacher import TeacherConfig
 
 
 @dataclass
@@ -276,6 +277,7 @@ class ExperimentConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
 
     def validate(self) -> None:
         import importlib
@@ -291,6 +293,7 @@ class ExperimentConfig:
         self.optim.validate()
         self.train.validate()
         self.eval.validate()
+        self.teacher.validate()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -143,9 +143,13 @@ class VLBackbone(nn.Module):
         return {"cls_token", "pos_embed", "text_pos_embed", "modality_embed", "text_embed.weight"}
 
     # -- input checks -------------------------------------------------------------------------
-    def check_pixels(self, pixel_values: torch.Tensor) -> None:
+    def check_pixels(self, pixel_values: torch.Tensor, any_size: bool = False) -> None:
+        """The model's (B, C, S, S); with ``any_size``, any square side that is a multiple of the patch."""
         c = self.cfg
         want = (c.in_chans, c.image_size, c.image_size)
+        side = pixel_values.shape[-1] if pixel_values.dim() == 4 else 0
+        if any_size and pixel_values.dim() == 4 and side % c.patch_size == 0 and side > 0:
+            want = (c.in_chans, side, side)
         if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != want:
             raise ValueError(f"pixel_values has shape {tuple(pixel_values.shape)}; expected (B, {want[0]}, "
                              f"{want[1]}, {want[2]}) for this model (resize images with VLProcessor).")
@@ -170,14 +174,32 @@ class VLBackbone(nn.Module):
                              f"{tuple(input_ids.shape)}, the shape of input_ids.")
 
     # -- embeddings ---------------------------------------------------------------------------
-    def random_keep(self, batch: int, keep: int, device) -> torch.Tensor:
-        """(B, keep) random patch indices, sorted, for FLIP patch dropout or MAE masking."""
-        noise = torch.rand(batch, self.num_patches, device=device)
+    def random_keep(self, batch: int, keep: int, device, num_patches: int | None = None) -> torch.Tensor:
+        """(B, keep) random patch indices (of ``num_patches``, the model's by default), sorted, for FLIP
+        patch dropout or MAE masking."""
+        noise = torch.rand(batch, num_patches or self.num_patches, device=device)
         return noise.argsort(dim=1)[:, :keep].sort(dim=1).values
 
-    def embed_image(self, pixel_values, keep_idx=None):
-        """(B, C, H, W) -> (B, 1 + n_keep, D): cls token first, then the kept patches (``norm_pre`` last)."""
-        x = self.patch_embed(pixel_values) + self.pos_embed[:, 1:]  # (B, N, D)
+    def patch_positions(self, grid: int) -> torch.Tensor:
+        """(1, grid * grid, D) patch position embeddings; resampled bicubically (as timm's
+        ``resample_abs_pos_embed``) when ``grid`` differs from the model's, e.g. for small crops."""
+        pos = self.pos_embed[:, 1:]  # (1, N, D)
+        own = self.cfg.image_size // self.cfg.patch_size
+        if grid == own:
+            return pos
+        square = pos.reshape(1, own, own, -1).permute(0, 3, 1, 2).float()  # (1, D, own, own)
+        square = nn.functional.interpolate(square, size=(grid, grid), mode="bicubic", antialias=True,
+                                           align_corners=False)
+        return square.permute(0, 2, 3, 1).reshape(1, grid * grid, -1).to(pos.dtype)
+
+    def embed_image(self, pixel_values, keep_idx=None, patch_mask=None, mask_token=None):
+        """(B, C, H, W) -> (B, 1 + n_keep, D): cls token first, then the kept patches (``norm_pre`` last).
+        patch_mask (B, N) bool with mask_token (D,): those patch embeddings become the token, before positions
+        are added (BEiT / iBOT masked image modelling)."""
+        x = self.patch_embed(pixel_values)  # (B, N, D)
+        if patch_mask is not None:
+            x = torch.where(patch_mask[..., None], mask_token.to(x.dtype), x)
+        x = x + self.patch_positions(pixel_values.shape[-1] // self.cfg.patch_size)  # (B, N, D)
         if keep_idx is not None:
             x = torch.gather(x, 1, keep_idx[..., None].expand(-1, -1, x.shape[-1]))
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
@@ -211,7 +233,8 @@ class VLBackbone(nn.Module):
     def forward(self, pixel_values=None, input_ids=None, attention_mask=None, *, layout: str | None = None,
                 text_causal: bool | torch.Tensor = True, cross_from_layer: int = 0, keep_idx=None,
                 depth: int | None = None, output_layers: tuple[int, ...] = (), cache: KVCache | None = None,
-                pooled_only: bool = False) -> BackboneOutput:
+                pooled_only: bool = False, patch_mask: torch.Tensor | None = None,
+                mask_token: torch.Tensor | None = None, any_size: bool = False) -> BackboneOutput:
         """Run the first ``depth`` blocks (all by default) on image and/or text under a layout.
 
         layout: image | text | prefix_lm | fused | separate; default from the inputs given
@@ -221,17 +244,25 @@ class VLBackbone(nn.Module):
         pooled_only (``image`` / ``text`` layouts): the last block computes only the token each
         sequence is pooled at (cls; last real token), so ``image`` / ``text`` come out (B, 1, D):
         the same pooled states for ~3/4 less of the last block's matmuls and activations.
+        patch_mask (B, N) bool + mask_token (D,): masked patches read the token (no patch dropout then).
+        any_size: images of any square side that is a multiple of the patch (positions resampled).
         """
         decoding = cache is not None and cache.layers
         if pixel_values is None and input_ids is None:
             raise ValueError("pass pixel_values, input_ids or both.")
         parts, n_image = [], 0
         if pixel_values is not None:
-            self.check_pixels(pixel_values)
-            if keep_idx is None and self.training and self.cfg.patch_dropout > 0:
-                n_keep = max(1, int(round(self.num_patches * (1 - self.cfg.patch_dropout))))
-                keep_idx = self.random_keep(pixel_values.shape[0], n_keep, pixel_values.device)
-            parts.append(self.embed_image(pixel_values, keep_idx))
+            self.check_pixels(pixel_values, any_size)
+            if (patch_mask is None) != (mask_token is None):
+                raise ValueError("patch_mask and mask_token go together: pass both (or neither).")
+            if patch_mask is not None and tuple(patch_mask.shape) != (pixel_values.shape[0], self.num_patches):
+                raise ValueError(f"patch_mask has shape {tuple(patch_mask.shape)}; expected (B, N) = "
+                                 f"({pixel_values.shape[0]}, {self.num_patches}).")
+            if keep_idx is None and patch_mask is None and self.training and self.cfg.patch_dropout > 0:
+                n_patches = (pixel_values.shape[-1] // self.cfg.patch_size) ** 2  # the model's, or a crop's
+                n_keep = max(1, int(round(n_patches * (1 - self.cfg.patch_dropout))))
+                keep_idx = self.random_keep(pixel_values.shape[0], n_keep, pixel_values.device, n_patches)
+            parts.append(self.embed_image(pixel_values, keep_idx, patch_mask, mask_token))
             n_image = parts[0].shape[1]
         offset = cache.n_text if decoding else 0
         text_valid = None

@@ -40,7 +40,8 @@ from vlpretrain.objectives.registry import (
 )
 
 # the built-in objectives register themselves on import
-from vlpretrain.objectives import captioning, contrastive, masked_image, masked_text, matching  # noqa: F401
+from vlpretrain.objectives import (  # noqa: F401
+    captioning, contrastive, masked_image, masked_prediction, masked_text, matching, self_distillation)
 
 __all__ = [
     "NEEDS", "CoupledObjective", "GradCache", "Objective", "ObjectiveConfig", "ObjectiveOutput", "ObjectiveSet",

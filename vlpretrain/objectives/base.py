@@ -35,11 +35,19 @@ class ObjectiveConfig:
 
     weight: float = 1.0
     """Multiplier of this objective's loss in the total loss."""
+    start: float = 0.0
+    """First step the objective runs: a step (an integer >= 1), or a fraction of train.steps when < 1
+    (0.8: from 80% of training). Before it, the objective costs nothing (vlpretrain.objectives.schedule)."""
+    ramp: int = 0
+    """Steps over which the weight rises linearly from weight / ramp (first step) to weight (0: at once)."""
 
     def checks(self) -> list[tuple[bool, str, str]]:
         """(ok, key, why-not) triples; subclasses extend the list with their own."""
         return [(math.isfinite(self.weight) and self.weight >= 0, "weight",
-                 f"{self.weight} must be a finite number >= 0")]
+                 f"{self.weight} must be a finite number >= 0"),
+                (math.isfinite(self.start) and self.start >= 0 and (self.start < 1 or self.start == int(self.start)),
+                 "start", f"{self.start} must be a step (an integer >= 1) or a fraction of train.steps in [0, 1)"),
+                (self.ramp >= 0, "ramp", f"{self.ramp} must be >= 0 steps (0: the full weight at once)")]
 
     def validate(self, where: str) -> None:
         """Raise ConfigError naming ``where.key`` and the fix for the first failed check."""
@@ -64,6 +72,8 @@ class SharedFeatures:
     image_pooled: torch.Tensor | None = None  # (B, D)
     text_pooled: torch.Tensor | None = None  # (B, D)
     forwards: int = 0  # backbone calls made to produce them
+    teacher: Any = None  # the started EMATeacher (vlpretrain.objectives.teacher), when an active objective needs it
+    teacher_image: torch.Tensor | None = None  # (B, Ni, D) the teacher's final-normed tokens of pixel_values
 
 
 class Objective(nn.Module):
@@ -73,6 +83,7 @@ class Objective(nn.Module):
     Config: ClassVar[type[ObjectiveConfig]] = ObjectiveConfig
     batch_keys: ClassVar[tuple[str, ...]] = ("pixel_values", "input_ids")
     coupled: ClassVar[bool] = False
+    needs_teacher: ClassVar[bool] = False  # reads the EMA teacher (vlpretrain.objectives.teacher) once started
 
     def __init__(self, cfg: ObjectiveConfig, model_config: Any):
         """``model_config``: the model's architecture config (``VLConfig`` or ``ModelConfig``)."""
@@ -82,10 +93,18 @@ class Objective(nn.Module):
         cfg.validate(f"objectives.{self.name}")
         self.cfg = cfg
         self.needs: frozenset[str] = frozenset()  # subclasses set what they read from the shared forward
+        # the weight now (ObjectiveSet.set_step applies start/ramp): a device tensor, so a ramp neither
+        # syncs nor recompiles; not persistent (it follows from the step)
+        self.register_buffer("scheduled_weight", torch.tensor(float(cfg.weight)), persistent=False)
 
     @property
-    def weight(self) -> float:
-        return self.cfg.weight
+    def weight(self) -> torch.Tensor:
+        """This step's weight: ``cfg.weight`` scaled by the start/ramp schedule (a 0-d tensor)."""
+        return self.scheduled_weight
+
+    def teacher_modules(self) -> dict[str, nn.Module]:
+        """This objective's modules the EMA teacher keeps a copy of too (e.g. a projection head)."""
+        return {}
 
     def forward(self, model: nn.Module, batch: dict, shared: SharedFeatures) -> ObjectiveOutput:
         raise NotImplementedError(f"objective '{self.name}' does not implement forward().")

@@ -97,6 +97,8 @@ def build_objectives(entries: Sequence[Mapping[str, Any]], model_config: Any) ->
     return built
 
 
-def build_objective_set(model: Any, entries: Sequence[Mapping[str, Any]]) -> ObjectiveSet:
-    """The :class:`ObjectiveSet` (model + configured objectives) a trainer optimises."""
-    return ObjectiveSet(model, build_objectives(entries, model.config))
+def build_objective_set(model: Any, entries: Sequence[Mapping[str, Any]], total_steps: int | None = None,
+                        teacher: Any = None) -> ObjectiveSet:
+    """The :class:`ObjectiveSet` (model + configured objectives) a trainer optimises; ``total_steps``
+    (train.steps) resolves fractional starts, ``teacher`` (a TeacherConfig) configures the EMA teacher."""
+    return ObjectiveSet(model, build_objectives(entries, model.config), total_steps, teacher)

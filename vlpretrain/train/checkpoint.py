@@ -89,6 +89,11 @@ def resolve_resume(resume: str | None, run_dir: str | Path) -> Path | None:
     return path
 
 
+def resumed_step(path: Path) -> int:
+    """The step a complete checkpoint folder resumes at (its trainer state's ``step``)."""
+    return int(json.loads((Path(path) / TRAINER_STATE).read_text())["step"])
+
+
 def check_compatible(path: Path, model_cfg: Any) -> None:
     """A clear error, before any step, when the checkpoint's model shape differs from the config's."""
     saved = OmegaConf.to_container(OmegaConf.load(path / CONFIG_FILE)).get("model", {})

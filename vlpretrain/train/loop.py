@@ -32,15 +32,17 @@ from vlpretrain.models.from_timm import describe_load, load_timm_image_path, tim
 from vlpretrain.models.modeling import VLConfig, VLModel
 from vlpretrain.models.weights import load_strict
 from vlpretrain.objectives import build_objective_set
+from vlpretrain.objectives.schedule import check_starts
 from vlpretrain.train.accumulate import accumulate_backward, backward
 from vlpretrain.train.checkpoint import (
-    Trainables, check_data_position, complete_checkpoints, load_checkpoint, resolve_resume, save_checkpoint)
+    Trainables, check_data_position, complete_checkpoints, load_checkpoint, resolve_resume, resumed_step,
+    save_checkpoint)
 from vlpretrain.train.integrity import check_resume, check_run_processor, run_tokenizer, save_run_processor
 from vlpretrain.train.flops import FlopCounter, device_peak_flops, flop_rates
 from vlpretrain.train.host_reads import LaggedReadback, step_unless
 from vlpretrain.train.precision import emulates, emulation_for, emulation_note, low_precision_context
 from vlpretrain.train.metrics import MetricsLog, logged_eval, plot_curves
-from vlpretrain.train.optim import build_optimizer, build_scheduler
+from vlpretrain.train.optim import add_started_groups, build_optimizer, build_scheduler
 from vlpretrain.train import sharding
 from vlpretrain.train.unused import ddp_record, decide_ddp
 
@@ -237,6 +239,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
     if emulates(accelerator.device, t.precision):
         accelerator.print(emulation_note(t.precision))
     micro = _micro_batch_size(cfg, world)
+    check_starts(cfg.objectives, t.steps)
     resume = resolve_resume(t.resume, run_dir)
     _check_fresh_run_dir(run_dir, resume)
     if accelerator.is_main_process:
@@ -265,16 +268,18 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
     model.backbone.set_low_precision_emulation(emulation_for(accelerator.device, t.precision))
     if t.freeze:
         accelerator.print(f"train.freeze={t.freeze}: {len(FREEZE[t.freeze](model))} parameter tensors frozen")
-    objectives = build_objective_set(model, cfg.objectives)
+    objectives = build_objective_set(model, cfg.objectives, t.steps, cfg.teacher)
     processor = VLProcessor.from_data_config(cfg.data, cfg.model.image_size, cfg.model.max_text_len, tokenizer)
     check_resume(resume, cfg, objectives)  # every resume check before the first write into run.dir
     check_run_processor(run_dir, resume, processor)
+    first_step = resumed_step(resume) if resume is not None else 0  # the optimiser holds what trains from it
+    objectives.set_step(first_step)
     unused = None
     if fsdp is None:
         unused = decide_ddp(accelerator, objectives)  # before prepare: it sets the DDP kwargs prepare uses
     else:  # sharded here, not by accelerate (sharding.py says why), before the optimiser takes the DTensors
         module = sharding.shard(objectives, accelerator.device, fsdp)
-    optimizer = build_optimizer(objectives, cfg.optim, accelerator.device)
+    optimizer = build_optimizer(objectives, cfg.optim, accelerator.device, start_step=first_step)
     scheduler = build_scheduler(optimizer, cfg.optim, t.steps)
     if fsdp is None:
         module, optimizer, scheduler = accelerator.prepare(objectives, optimizer, scheduler)
@@ -331,6 +336,8 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
                 for reason, n in raw.get("skipped", {}).items():
                     window[f"skipped/{reason}"] = window.get(f"skipped/{reason}", 0) + n
             wait = time.perf_counter() - step_start
+            objectives.set_step(state.step)  # objectives starting now join the optimiser (objectives/schedule.py)
+            add_started_groups(optimizer, scheduler, objectives.parts_starting_at(state.step), cfg.optim)
             module.train()
             if cuda_graphs:  # a new iteration: the previous step's graph outputs may be overwritten from here on
                 torch.compiler.cudagraph_mark_step_begin()
@@ -355,10 +362,9 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
             else:
                 bad = bad | ~torch.isfinite(grad_norm)
                 step_unless(optimizer, bad)  # skipped on the device: no host read of the loss here
-            for objective in objectives.objectives.values():
-                objective.after_optimizer_step()  # e.g. the temperature clamp, on the real (sharded) parameter
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            objectives.after_optimizer_step()  # on the real (sharded) parameters: temperature clamp, EMA teacher
             state.step += 1
             n_samples = micro * len(batches) * world  # every micro-batch is full (_next_batch)
             state.samples_seen += n_samples
