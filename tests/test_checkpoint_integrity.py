@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from types import SimpleNamespace
 import subprocess
 import sys
 from pathlib import Path
@@ -157,8 +158,7 @@ def plant_mismatch(folder: Path) -> None:
     write_manifest(folder, folder.parent.parent / RUN_PROCESSOR)
 
 
-def test_a_planted_key_mismatch_is_named_on_every_load_path(trained_run, synth_root, tmp_path, capsys):
-    from accelerate.utils import DistributedType
+def test_a_planted_key_mismatch_is_named_on_every_load_path(trained_run, synth_root, tmp_path, capsys, monkeypatch):
 
     from vlpretrain import VLConfig, VLModel
     from vlpretrain.eval.suite import evaluate_model
@@ -186,18 +186,20 @@ def test_a_planted_key_mismatch_is_named_on_every_load_path(trained_run, synth_r
     assert files_of(run) == before
 
     # the end-of-run export under FSDP puts the gathered state into a fresh model
-    class GatheredWithAMismatch:  # what Accelerate's FSDP gather would hand back, one key renamed
-        distributed_type, is_main_process, device = DistributedType.FSDP, True, torch.device("cpu")
+    from vlpretrain.train import sharding
 
-        def get_state_dict(self, module):
-            state = module.state_dict()
-            state[RENAMED] = state.pop(PLANTED)
-            return state
+    def gathered_with_a_mismatch(module, every_rank=False):  # what the FSDP gather hands back, one key renamed
+        state = module.state_dict()
+        state[RENAMED] = state.pop(PLANTED)
+        return state
 
+    monkeypatch.setattr(sharding, "is_sharded", lambda module: True)
+    monkeypatch.setattr(sharding, "gather_full_state", gathered_with_a_mismatch)
+    main_process = SimpleNamespace(is_main_process=True, device=torch.device("cpu"))
     cfg = load_config(run / "config.yaml")
     objectives = build_objective_set(VLModel(VLConfig.from_model_config(cfg.model)), cfg.objectives)
     with pytest.raises(WeightMismatch, match=named):
-        _full_model(cfg, GatheredWithAMismatch(), objectives)
+        _full_model(cfg, main_process, objectives)
 
     # a model folder (run.dir/model, an hf export) with the same mismatch, through each loader
     folder = run / "model"

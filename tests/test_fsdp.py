@@ -195,18 +195,22 @@ def test_two_process_fsdp_checkpoint_resumes_in_one_plain_process(runs, tmp_path
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in resumed) and worst > 0  # it trains on
 
 
-def resume_elsewhere(source: Path, step: int, tmp_path: Path, *overrides: str, same_world: bool = False
+def resume_elsewhere(source: Path, step: int, tmp_path: Path, *overrides: str, new_data: bool = False
                      ) -> tuple[Path, Path]:
-    """A copy of ``source``'s checkpoint ``step`` and a config of the same run in a new run.dir: (checkpoint,
-    config). Until the data position is saved world-size independent, a per-rank one cannot move to
-    another number of processes: unless ``same_world``, the copy leaves it out and the resumed run reads
-    its data afresh (those tests are about model, optimiser, schedule and step)."""
+    """A copy of ``source``'s checkpoint ``step`` (with the run's processor folder it points to) and a config
+    of the same run in a new run.dir: (checkpoint, config). ``new_data``: the resumed run reads other shards,
+    which a saved data position refuses (a different data spec), so the copy leaves its position out, as a
+    checkpoint saved without one (these tests are about model, optimiser, schedule and step)."""
     from omegaconf import OmegaConf
 
-    saved = tmp_path / f"step_{step}"
+    saved = tmp_path / "copy" / "checkpoints" / f"step_{step}"
     shutil.copytree(source / "checkpoints" / f"step_{step}", saved)
-    for per_rank in [] if same_world else saved.glob("data_state_rank*.json"):
-        per_rank.unlink()
+    shutil.copytree(source / "processor", tmp_path / "copy" / "processor")
+    if new_data:
+        (saved / "data_state.json").unlink()
+        manifest = json.loads((saved / "manifest.json").read_text())
+        del manifest["files"]["data_state.json"]
+        (saved / "manifest.json").write_text(json.dumps(manifest))
     cfg = OmegaConf.merge(OmegaConf.load(source / "config.yaml"),
                           OmegaConf.from_dotlist([f"run.dir={tmp_path / 'resumed'}", *overrides]))
     OmegaConf.save(cfg, tmp_path / "resume.yaml")
@@ -218,7 +222,7 @@ def test_one_process_checkpoint_resumes_under_fsdp_on_two(runs, tmp_path):
     from vlpretrain.export.source import read_weights
 
     source = runs["b_one"]  # saved without FSDP: model.safetensors, optimizer.bin (its lm_head left out: tied)
-    saved, cfg = resume_elsewhere(source, 2, tmp_path, f"data.train={runs['two']}")
+    saved, cfg = resume_elsewhere(source, 2, tmp_path, f"data.train={runs['two']}", new_data=True)
     finish(launch(cfg, "fsdp", "--resume", str(saved)))
     run_dir = tmp_path / "resumed"
     info = summary(run_dir)
@@ -238,7 +242,7 @@ def test_fsdp_resume_on_the_same_processes_continues_the_run_exactly(runs, tmp_p
     # model and optimiser shards, scheduler, each rank's RNG (its MAE masks) and data position: the
     # resumed steps 3-4 are the unbroken run's
     source = runs["a_fsdp"]
-    saved, cfg = resume_elsewhere(source, 2, tmp_path, "train.export=false", same_world=True)
+    saved, cfg = resume_elsewhere(source, 2, tmp_path, "train.export=false")
     finish(launch(cfg, "fsdp", "--resume", str(saved)))
     run_dir = tmp_path / "resumed"
     resumed, original = records(run_dir), records(source)

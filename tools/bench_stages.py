@@ -59,14 +59,14 @@ def measure(shards: Path, tokenizer, image_size: int, batch_size: int, device: s
     from vlpretrain.data.device_decode import DeviceBatches, pack, plan_jpeg
     from vlpretrain.data.images import ImageSettings, ImageTransform
     from vlpretrain.data.reader import SkipCounter, expand_sources, iter_shard
-    from vlpretrain.data.shards import shuffle_buffer
+    from vlpretrain.data.shards import ShuffleBuffer
     from vlpretrain.data.tokenizer import encode_captions
 
     urls = expand_sources(str(shards))[0]
     seconds, samples = _seconds(lambda: [s for url in urls for s in iter_shard(url, SkipCounter())])
     n = len(samples)
     read = n / seconds
-    shuffle, _ = _rate(n, lambda: list(shuffle_buffer(iter(samples), 1000, random.Random(0))))
+    shuffle, _ = _rate(n, lambda: list(ShuffleBuffer(1000, random.Random(0))(((0, i), s) for i, s in enumerate(samples))))
     transform = ImageTransform(ImageSettings(size=image_size), train=True)
     captions = [s.captions[0] for s in samples]
 
