@@ -5,7 +5,7 @@ each case's objectives, dtype and micro-batch count), trains one step per case t
 ``accelerator.prepare`` (DDP) and again sharded by the trainer's FSDP2 path
 (:func:`vlpretrain.train.sharding.shard`), on this rank's half of the batch, and writes every
 parameter's gradient after DDP's all-reduce / FSDP's reduce-scatter (gathered whole) to
-``grads_rank{r}.pt`` (FSDP's under ``fsdp/<case>``).
+``grads_rank{r}.pt`` (FSDP's under ``fsdp/<case>``), with the step's metrics.
 """
 
 from __future__ import annotations
@@ -45,10 +45,11 @@ def main(folder: Path) -> None:
             out = accumulate_backward(wrapped, parts, accelerator=accelerator)
         if fsdp:
             grads = {n: g.full_tensor() if hasattr(g, "full_tensor") else g for n, g in grads_of(wrapped).items()}
-            results[f"fsdp/{name}"] = {"grads": grads, "loss": out.loss.detach(),
+            results[f"fsdp/{name}"] = {"grads": grads, "loss": out.loss.detach(), "metrics": out.metrics,
                                        "sharded": type(wrapped.objectives["contrastive"].logit_scale).__name__}
         else:
-            results[name] = {"grads": grads_of(accelerator.unwrap_model(wrapped)), "loss": out.loss.detach()}
+            results[name] = {"grads": grads_of(accelerator.unwrap_model(wrapped)), "loss": out.loss.detach(),
+                             "metrics": out.metrics}
     torch.save(results, folder / f"grads_rank{rank}.pt")
 
 

@@ -22,6 +22,7 @@ import vlpretrain
 from vlpretrain.objectives import build_objective_set
 from vlpretrain.train.accumulate import accumulate_backward
 from vlpretrain.train.host_reads import LaggedReadback, step_unless
+from vlpretrain.train.window import WindowMeans, step_values
 
 READS = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.masked_select.default",
          "aten.is_nonzero.default", "aten.equal.default", "aten._unique2.default", "aten.unique_consecutive.default",
@@ -76,7 +77,9 @@ def _train_step(objectives, batch, accum: int = 1):
         micro = [{k: v[i * size:(i + 1) * size] for k, v in batch.items()} for i in range(accum)]
         out = accumulate_backward(objectives, micro)
     grad_norm = torch.nn.utils.clip_grad_norm_(objectives.parameters(), float("inf"))
-    step_unless(optimizer, ~torch.isfinite(out.loss.detach()) | ~torch.isfinite(grad_norm))
+    bad = (~torch.isfinite(out.loss.detach()) | ~torch.isfinite(grad_norm)).reshape(1)
+    step_unless(optimizer, bad)
+    WindowMeans().add(step_values(out), bad)  # the trainer's log-window sums: on the device too
     optimizer.zero_grad(set_to_none=True)
 
 

@@ -34,7 +34,7 @@ CASES = {
 def test_two_processes_match_one_process_on_the_concatenated_batch(tmp_path):
     batch = random_batch(batch=8, length=10, seed=7)
     batch["pixel_values"] = batch["pixel_values"].double()
-    cases, reference = {}, {}
+    cases, reference, accuracy = {}, {}, {}
     for name, (entries, micro) in CASES.items():
         objectives = build_objective_set(make_model(), entries).double()
         with torch.no_grad():  # move scale and bias off their initial values so every term matters
@@ -45,6 +45,7 @@ def test_two_processes_match_one_process_on_the_concatenated_batch(tmp_path):
         out = objectives(batch)  # one process, the whole batch
         out.loss.backward()
         reference[name] = grads_of(objectives)
+        accuracy[name] = {k: float(out.metrics[f"contrastive/{k}"]) for k in ("i2t_acc", "t2i_acc", "pool_size")}
     torch.save({"batch": batch, "cases": cases}, tmp_path / "cases.pt")
 
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -62,5 +63,10 @@ def test_two_processes_match_one_process_on_the_concatenated_batch(tmp_path):
             assert r[f"fsdp/{name}"]["sharded"] == "DTensor"
             worst, where = max_grad_diff(reference[name], r[f"fsdp/{name}"]["grads"])
             assert worst < 1e-10, f"{name} under FSDP2: grads differ from one process by {worst:.2e} at {where}"
+        for run in (name, f"fsdp/{name}"):  # each rank's pool accuracy, averaged: one process's on the whole batch
+            got = [{k: float(r[run]["metrics"][f"contrastive/{k}"]) for k in accuracy[name]} for r in ranks]
+            assert [g["pool_size"] for g in got] == [8.0, 8.0] == [accuracy[name]["pool_size"]] * 2, run
+            for k in ("i2t_acc", "t2i_acc"):
+                assert abs((got[0][k] + got[1][k]) / 2 - accuracy[name][k]) < 1e-9, (run, k, got, accuracy[name])
         scale = reference[name]["objectives.contrastive.logit_scale"]
         assert float(scale.abs()) > 1e-4  # the temperature's gradient is part of the comparison

@@ -22,6 +22,7 @@ from vlpretrain.objectives.functional import (
     norm_pix_target,
     patchify,
     random_masking,
+    retrieval_accuracy,
     siglip_loss,
 )
 from vlpretrain.objectives.masked_image import PixelDecoder
@@ -81,6 +82,28 @@ def test_local_losses_average_to_the_whole_batch_loss():
         g_full = torch.autograd.grad(full, [img, txt, t])
         g_mean = torch.autograd.grad(mean, [img, txt, t])
         assert all(float((a - b).abs().max()) < 1e-6 for a, b in zip(g_full, g_mean))
+
+
+def test_retrieval_accuracy_is_over_the_gathered_pool_not_the_local_rows():
+    """Two 'ranks' of 2 pairs each: every pair is right within its own rank's rows, but image 2 is
+    closer to text 0 and text 0 to image 2 (on the other rank): the pool accuracy is 3/4 both ways."""
+    text = torch.eye(4)
+    image = torch.eye(4)
+    image[2, 0] = 2.0  # image 2: text 0 scores 2, its own text 2 scores 1
+    pooled = [retrieval_accuracy(image[r * 2:(r + 1) * 2], text[r * 2:(r + 1) * 2], image, text, r * 2)
+              for r in (0, 1)]
+    local = [retrieval_accuracy(image[r * 2:(r + 1) * 2], text[r * 2:(r + 1) * 2]) for r in (0, 1)]
+    assert [tuple(map(float, acc)) for acc in local] == [(1.0, 1.0), (1.0, 1.0)]
+    assert [tuple(map(float, acc)) for acc in pooled] == [(1.0, 0.5), (0.5, 1.0)]
+    # the ranks' mean is the accuracy over the whole pool, here and on random embeddings
+    for img, txt, ranks in [(image, text, 2), (torch.randn(12, 8), torch.randn(12, 8), 3)]:
+        b = len(img) // ranks
+        parts = [retrieval_accuracy(img[r * b:(r + 1) * b], txt[r * b:(r + 1) * b], img, txt, r * b)
+                 for r in range(ranks)]
+        whole = retrieval_accuracy(img, txt)
+        for direction in (0, 1):
+            assert abs(sum(float(p[direction]) for p in parts) / ranks - float(whole[direction])) < 1e-6
+    assert tuple(map(float, retrieval_accuracy(image, text))) == (0.75, 0.75)
 
 
 def _mae_reference(imgs, pred, mask, p):

@@ -247,3 +247,59 @@ def test_a_data_bound_run_says_so_once_after_its_first_log_window(synth_root, tm
     AcceleratorState._reset_state(True)
     run(synth_root, tmp_path / "one_window", *quick, "train.steps=2")  # one window: the start alone, no note
     assert "the model waited on data" not in capsys.readouterr().out
+
+
+def test_logged_losses_and_metrics_are_means_over_the_log_window(synth_root, tmp_path, fresh_accelerate_state):
+    # the same seeded run logged every step and every 5 steps: the 5-step record is the mean of the
+    # five 1-step records (the old trainer logged the window's last step instead)
+    from accelerate.state import AcceleratorState
+
+    quick = ["train.steps=5", "train.export=false", "data.val=null"]
+    run(synth_root, tmp_path / "every", *quick)
+    AcceleratorState._reset_state(True)
+    run(synth_root, tmp_path / "window", *quick, "train.log_every=5")
+    per_step = [json.loads(line) for line in (tmp_path / "every" / "metrics.jsonl").read_text().splitlines()]
+    (window,) = [json.loads(line) for line in (tmp_path / "window" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in per_step] == [1, 2, 3, 4, 5] and window["step"] == 5
+    keys = ("loss", "loss/contrastive", "loss/captioning", "contrastive/i2t_acc", "contrastive/logit_scale",
+            "captioning/token_acc")
+    for key in keys:
+        values = [r[key] for r in per_step]
+        assert window[key] == pytest.approx(sum(values) / 5, rel=1e-5, abs=1e-7), key
+    losses = [r["loss"] for r in per_step]
+    assert max(losses) - min(losses) > 1e-3  # the steps differ: a last-step value would not pass the above
+    assert window["contrastive/pool_size"] == 16 and window["window_nonfinite_steps"] == 0
+    assert all(r["window_nonfinite_steps"] == 0 for r in per_step)
+
+
+def test_nonfinite_steps_are_left_out_of_the_window_means_and_counted(fresh_accelerate_state):
+    from accelerate import Accelerator
+
+    from vlpretrain.train.window import WindowMeans
+
+    means = WindowMeans()
+    ok, bad = torch.tensor([False]), torch.tensor([True])
+    means.add({"loss": torch.tensor(1.0), "x/acc": torch.tensor(0.25)}, ok)
+    means.add({"loss": torch.tensor(float("nan")), "x/acc": torch.tensor(float("inf"))}, bad)
+    means.add({"loss": torch.tensor(3.0), "x/acc": torch.tensor(0.75)}, ok)
+    accelerator = Accelerator(cpu=True)
+    assert means.take(accelerator) == {"loss": 2.0, "x/acc": 0.5, "window_nonfinite_steps": 1}
+    means.add({"loss": torch.tensor(float("nan"))}, bad)  # a window of only non-finite steps: NaN, not an error
+    taken = means.take(accelerator)
+    assert taken["loss"] != taken["loss"] and taken["window_nonfinite_steps"] == 1
+    assert means.take(accelerator) == {}  # nothing added since
+
+
+def test_an_objective_starting_mid_window_is_averaged_over_the_steps_that_logged_it(fresh_accelerate_state):
+    from accelerate import Accelerator
+
+    from vlpretrain.train.window import WindowMeans
+
+    means, ok = WindowMeans(), torch.tensor([False])
+    means.add({"loss": torch.tensor(1.0)}, ok)
+    means.add({"loss": torch.tensor(2.0), "loss/late": torch.tensor(4.0)}, ok)  # `late` starts at this step
+    means.add({"loss/late": torch.tensor(6.0), "loss": torch.tensor(3.0)}, ok)  # any order
+    assert means.take(Accelerator(cpu=True)) == {"loss": 2.0, "loss/late": 5.0, "window_nonfinite_steps": 0}
+    means.add({"loss": torch.tensor(1.0), "loss/late": torch.tensor(1.0)}, ok)
+    with pytest.raises(ValueError, match="did not log"):  # a name that stops mid-window is an error
+        means.add({"loss": torch.tensor(1.0)}, ok)

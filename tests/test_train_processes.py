@@ -163,3 +163,10 @@ def test_two_process_accelerate_launch_equals_one_process_with_the_doubled_batch
     print(f"one process: {a}\ntwo processes: {b}")
     assert a[0] != a[-1]  # it trains
     assert b == pytest.approx(a, rel=1e-5, abs=1e-6)
+    # the contrastive accuracy is over the gathered pool: two processes' mean is one process's on the whole batch
+    accuracy = {run_dir: [{k: r[f"contrastive/{k}"] for k in ("i2t_acc", "t2i_acc", "pool_size")}
+                          for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
+                for run_dir in (single_dir, ddp_dir)}
+    print(f"accuracy, one process: {accuracy[single_dir]}\ntwo processes: {accuracy[ddp_dir]}")
+    assert all(r["pool_size"] == 2 * per_rank for r in accuracy[ddp_dir])
+    assert accuracy[ddp_dir] == accuracy[single_dir]

@@ -115,11 +115,16 @@ class Contrastive(CoupledObjective):
             bias = self.logit_bias.to(dtype) if self.logit_bias is not None else None
             all_text = gather_with_grad(text)  # (N, E)
             if self.cfg.loss == "clip":
-                loss = clip_loss(image, text, gather_with_grad(image), all_text, scale, bias, offset)
+                all_image = gather_with_grad(image)  # (N, E)
+                loss = clip_loss(image, text, all_image, all_text, scale, bias, offset)
             else:
                 loss = siglip_loss(image, all_text, scale, bias, offset, self.cfg.chunk_size)
-        i2t, t2i = retrieval_accuracy(image, text)
-        metrics = {"logit_scale": scale.detach().reshape(()), "i2t_acc": i2t, "t2i_acc": t2i}  # scalars
+                all_image = gather_with_grad(image.detach())  # (N, E), for the accuracy only
+        # accuracy over the pool of all N gathered pairs (this rank's rows; the trainer's mean over ranks)
+        i2t, t2i = retrieval_accuracy(image, text, all_image.detach(), all_text.detach(), offset)
+        pool = torch.full((), all_text.shape[0], dtype=torch.float32, device=image.device)
+        metrics = {"logit_scale": scale.detach().reshape(()), "i2t_acc": i2t, "t2i_acc": t2i,
+                   "pool_size": pool}  # scalars
         if bias is not None:
             metrics["logit_bias"] = bias.detach().clone().reshape(())  # a copy: the parameter changes at the step
         return ObjectiveOutput(loss, metrics)

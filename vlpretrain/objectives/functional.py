@@ -124,11 +124,18 @@ def siglip_loss(image: torch.Tensor, all_text: torch.Tensor, logit_scale: torch.
 
 
 @torch.no_grad()
-def retrieval_accuracy(image: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """In-batch top-1 (image->text, text->image) accuracy of paired embeddings (b, E)."""
-    sim = image.float() @ text.float().T  # (b, b)
-    target = torch.arange(sim.shape[0], device=sim.device)
-    return (sim.argmax(1) == target).float().mean(), (sim.argmax(0) == target).float().mean()
+def retrieval_accuracy(image: torch.Tensor, text: torch.Tensor, all_image: torch.Tensor | None = None,
+                       all_text: torch.Tensor | None = None, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-1 (image->text, text->image) accuracy of this rank's pairs ``image``/``text`` (b, E) retrieved
+    from the pool of every rank's gathered columns ``all_image``/``all_text`` (N, E), where pair i is
+    column ``offset + i``; without a pool, from the b pairs themselves. Averaged over ranks (equal b),
+    it is the accuracy over the whole pool of N pairs."""
+    all_image = image if all_image is None else all_image
+    all_text = text if all_text is None else all_text
+    target = torch.arange(image.shape[0], device=image.device) + offset
+    i2t = (image.float() @ all_text.float().T).argmax(1) == target  # (b,) over N texts
+    t2i = (text.float() @ all_image.float().T).argmax(1) == target  # (b,) over N images
+    return i2t.float().mean(), t2i.float().mean()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ from vlpretrain.train.metrics import MetricsLog, logged_eval, plot_curves
 from vlpretrain.train.optim import add_started_groups, build_optimizer, build_scheduler
 from vlpretrain.train import sharding
 from vlpretrain.train.unused import ddp_record, decide_ddp
+from vlpretrain.train.window import WindowMeans, step_values
 
 
 SPECIAL_IDS = ("pad_token_id", "bos_token_id", "eos_token_id", "mask_token_id")
@@ -321,6 +322,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
     decoded = DeviceBatches(stream, accelerator.device)  # data.decode=device: JPEGs decoded there (else as is)
     new_window = {"time": 0.0, "wait": 0.0, "samples": 0, "tokens": 0.0, "steps": 0}
     window = dict(new_window)
+    means = WindowMeans()  # the window's mean losses and metrics, summed on the device
     image_tokens = 1 + model.backbone.num_patches  # per image: cls + patches (before any patch dropout)
     stopped_by, final = None, resume  # a run resumed at its last step has nothing new to save
     flags = _StepFlags(state, t.max_nonfinite)
@@ -362,6 +364,7 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
             else:
                 bad = bad | ~torch.isfinite(grad_norm)
                 step_unless(optimizer, bad)  # skipped on the device: no host read of the loss here
+            means.add(step_values(out), bad)  # non-finite steps are left out of the window's means
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             objectives.after_optimizer_step()  # on the real (sharded) parameters: temperature clamp, EMA teacher
@@ -385,17 +388,14 @@ def train(cfg: ExperimentConfig) -> dict[str, Any]:
                                       f"(train.max_nonfinite={t.max_nonfinite}); the last good weights are saved in "
                                       f"{path}. Lower optim.lr, raise optim.warmup_steps or check the data.")
             if state.step % t.log_every == 0 or state.step == t.steps:
-                loss_value = float(summed[0]) / world
+                window_means = means.take(accelerator)  # the one reduce and read of the window's means
+                loss_value = window_means["loss"]
                 all_tokens = float(accelerator.reduce(torch.tensor([window["tokens"]], device=accelerator.device), "sum"))
-                record = {"samples_seen": state.samples_seen, "epoch": state.epoch, "loss": loss_value,
+                record = {"samples_seen": state.samples_seen, "epoch": state.epoch, **window_means,
                           "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                           "samples_per_s": window["samples"] / window["time"],
                           "tokens_per_s": all_tokens / window["time"], "step_time_s": window["time"] / window["steps"],
                           "data_wait_frac": window["wait"] / window["time"], "nonfinite_steps": state.nonfinite_total,
-                          **{f"loss/{k}": float(accelerator.reduce(v.float().reshape(1), "mean"))
-                             for k, v in out.losses.items()},
-                          **{k: float(accelerator.reduce(torch.as_tensor(v, device=accelerator.device).float()
-                                                         .reshape(1), "mean")) for k, v in out.metrics.items()},
                           **{k: v for k, v in window.items() if k.startswith("skipped/")}}
                 flops = counter.take_flops()  # the window's steps (read here: under compile, a device value)
                 record.update(flop_rates(flops, window["time"], peak))
