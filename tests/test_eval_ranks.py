@@ -66,6 +66,10 @@ def test_an_objective_set_leaving_parameters_unused_names_them_and_ddp_searches(
     assert all(p.grad is None for p in captioning_only.parameters())
     full = build_objective_set(make_model(), [{"name": "contrastive"}, {"name": "captioning"}])
     assert unused_parameters(full, "cpu") == []
+    # an objective that starts later trains its own parameters from then on: the note says so
+    later = build_objective_set(make_model(), [{"name": "contrastive"}, {"name": "masked_image", "start": 5}], 10)
+    assert any(n.startswith("objectives.masked_image.") for n in decide_ddp(accelerator, later))  # its decoder
+    assert "Objectives starting later (masked_image)" in capsys.readouterr().out
 
 
 @pytest.mark.slow

@@ -53,11 +53,15 @@ def unused_parameters(objective_set: nn.Module, device) -> list[str]:
         objective_set.train(was_training)
 
 
-def unused_note(names: list[str]) -> str:
-    """The start-up line naming the parameters no objective reaches."""
-    return (f"{len(names)} trainable parameter(s) get no gradient from the configured objectives, so DDP "
-            f"searches for unused parameters every step: {', '.join(names)}. Remove what trains nothing "
-            f"or add the objective that uses it.")
+def unused_note(names: list[str], later: list[str] = ()) -> str:
+    """The start-up line naming the parameters no running objective reaches; ``later``: objectives that
+    start after this step (``start``), which may be what trains them."""
+    head = (f"{len(names)} trainable parameter(s) get no gradient from the objectives running now, so DDP "
+            f"searches for unused parameters every step: {', '.join(names)}. ")
+    if later:
+        return head + (f"Objectives starting later ({', '.join(later)}) train theirs from their start; "
+                       f"anything else here trains nothing.")
+    return head + "Remove what trains nothing or add the objective that uses it."
 
 
 def decide_ddp(accelerator, objective_set: nn.Module) -> list[str] | None:
@@ -73,7 +77,9 @@ def decide_ddp(accelerator, objective_set: nn.Module) -> list[str] | None:
     names = unused_parameters(objective_set, accelerator.device)
     accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=bool(names))  # read by prepare
     if names:
-        accelerator.print(unused_note(names))
+        step = getattr(objective_set, "step", 0)
+        later = [k for k, s in getattr(objective_set, "schedules", {}).items() if s.start > step]
+        accelerator.print(unused_note(names, later))
     return names
 
 
