@@ -108,10 +108,14 @@ def test_a_sigmoid_trained_models_bias_stays_in_the_folder_and_is_said(clip_expo
 
     ckpt = tmp_path / "run" / "checkpoints" / "step_6"
     shutil.copytree(trained_run / "checkpoints" / "step_6", ckpt)
+    shutil.copytree(trained_run / "processor", tmp_path / "run" / "processor")  # the checkpoint points to it
     weights = load_file(str(ckpt / "model.safetensors"))
     weights["objectives.contrastive.logit_scale"] = torch.tensor([2.5])
     weights["objectives.contrastive.logit_bias"] = torch.tensor([-7.25])
     save_file(weights, str(ckpt / "model.safetensors"))
+    manifest = json.loads((ckpt / "manifest.json").read_text())  # the file was rewritten on purpose
+    manifest["files"]["model.safetensors"] = (ckpt / "model.safetensors").stat().st_size
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
     out = tmp_path / "siglip-clip"
     with pytest.warns(ClipExportNote, match="logit bias -7.25"):
         assert main(["export", str(ckpt), "--out", str(out), "--format", "clip"]) == 0

@@ -67,7 +67,7 @@ def test_backbone_replaces_masked_patch_embeddings_and_reads_other_sizes():
     mask[0, 3], mask[1, 10] = True, True
     plain, masked = bb.embed_image(px), bb.embed_image(px, patch_mask=mask, mask_token=token)
     assert torch.equal(masked[:, 1:][~mask], plain[:, 1:][~mask]) and torch.equal(masked[:, 0], plain[:, 0])
-    want = token + bb.pos_embed[0, 1:][mask.nonzero()[:, 1]] + bb.modality_embed[0]
+    want = bb.norm_pre(token + bb.pos_embed[0, 1:][mask.nonzero()[:, 1]] + bb.modality_embed[0])  # per token
     assert torch.allclose(masked[:, 1:][mask], want, atol=1e-6)
     with pytest.raises(ValueError, match="patch_mask and mask_token"):
         bb(pixel_values=px, patch_mask=mask)
