@@ -5,6 +5,9 @@ resume compatibility) and writes nothing into ``run.dir`` until those checks pas
 ``train.steps`` optimiser steps, each over ``train.batch_size`` samples split across processes and
 ``train.accum_steps`` micro-batches (exact for contrastive losses), logging, evaluating and
 checkpointing as configured; SIGTERM/SIGINT finish the step, save and exit cleanly.
+
+The run is a :class:`Trainer` whose methods follow it in order: the set-up checks, the training parts,
+the run folder opened, one step, one log window, evaluation/checkpoint, and the summary.
 """
 
 from __future__ import annotations
@@ -25,12 +28,9 @@ from vlpretrain.data.processor import VLProcessor
 from vlpretrain.data.shards import ShardStream
 from vlpretrain.data.bootstrap import ensure_synthetic
 from vlpretrain.data.device_decode import DeviceBatches
-from vlpretrain.eval.during_training import evaluate_val_shards
 from vlpretrain.finetune import FREEZE
-from vlpretrain.models.from_timm import PREFIX as TIMM_PREFIX
 from vlpretrain.models.from_timm import describe_load, load_timm_image_path, timm_image_tower
 from vlpretrain.models.modeling import VLConfig, VLModel
-from vlpretrain.models.weights import load_strict
 from vlpretrain.objectives import build_objective_set
 from vlpretrain.objectives.schedule import check_starts
 from vlpretrain.train.accumulate import accumulate_backward, backward
@@ -42,13 +42,12 @@ from vlpretrain.train.flops import FlopCounter, device_peak_flops, flop_rates
 from vlpretrain.train.host_reads import LaggedReadback, step_unless
 from vlpretrain.train.precision import emulates, emulation_for, emulation_note, low_precision_context
 from vlpretrain.train.metrics import MetricsLog, logged_eval, plot_curves
+from vlpretrain.train.model_init import _load_init_from, _model_from_pretrained, _tokenizer_into_model_config
 from vlpretrain.train.optim import add_started_groups, build_optimizer, build_scheduler
+from vlpretrain.train.run_outputs import _evaluate, _export, _full_model, _write_json  # _full_model: imported from here too
 from vlpretrain.train import sharding
 from vlpretrain.train.unused import ddp_record, decide_ddp
 from vlpretrain.train.window import WindowMeans, step_values
-
-
-SPECIAL_IDS = ("pad_token_id", "bos_token_id", "eos_token_id", "mask_token_id")
 
 
 class TrainingStopped(RuntimeError):
@@ -66,46 +65,6 @@ class _State:
     epoch: int = 0
     dropped_tail: int = 0
     eval: dict[str, Any] = field(default_factory=dict)
-
-
-def _tokenizer_into_model_config(cfg: ExperimentConfig, tokenizer) -> None:
-    """The model's vocabulary and special ids come from the tokenizer (one source of truth)."""
-    m = cfg.model
-    m.vocab_size = len(tokenizer)
-    for name in SPECIAL_IDS:
-        value = getattr(tokenizer, name, None)
-        setattr(m, name, None if value is None else int(value))  # None mask: objectives needing one say so
-    m.validate()
-
-
-def _model_from_pretrained(cfg: ExperimentConfig, source, tokenizer) -> VLModel:
-    """``train.init_from`` (``source``: its model folder or ``checkpoints/step_N`` folder, loaded): the
-    pretrained weights and architecture, the run's own non-architecture keys, and a tokenizer the model knows."""
-    pretrained = source.model
-    own = {k: getattr(cfg.model, k) for k in ("attn_backend", "patch_dropout")}
-    cfg.model = pretrained.config.to_model_config()
-    for k, v in own.items():
-        setattr(cfg.model, k, v)
-    if len(tokenizer) > cfg.model.vocab_size:
-        raise ConfigError(f"the run's tokenizer has {len(tokenizer)} tokens but train.init_from's model only "
-                          f"{cfg.model.vocab_size}; use the tokenizer saved with that model.")
-    for name in SPECIAL_IDS:
-        ours, theirs = getattr(tokenizer, name, None), getattr(cfg.model, name)
-        if ours is not None and ours != theirs:
-            raise ConfigError(f"the run's tokenizer's {name} is {ours} but train.init_from's model uses {theirs}; "
-                              f"use the tokenizer saved with that model.")
-    model = VLModel(VLConfig.from_model_config(cfg.model))
-    load_strict(model, pretrained.state_dict(), f"train.init_from '{cfg.train.init_from}'")
-    return model
-
-
-def _load_init_from(init_from: str | None):
-    """``train.init_from``'s model folder or checkpoint, loaded (weights, processor, facts); None without it."""
-    if not init_from or init_from.startswith(TIMM_PREFIX):  # timm:NAME is read by models/from_timm.py
-        return None
-    from vlpretrain.export.source import load_source
-
-    return load_source(init_from)
 
 
 def _micro_batch_size(cfg: ExperimentConfig, world: int) -> int:
@@ -227,216 +186,319 @@ def _data_bound_note(step: int, wait_frac: float, num_workers: int) -> str:
             f"faster; tools/bench_data.py --stages measures each stage of the pipeline alone")
 
 
-def train(cfg: ExperimentConfig) -> dict[str, Any]:
-    """Run the experiment ``cfg``; returns the summary also written to ``run.dir/summary.json``."""
-    t = cfg.train
-    run_dir = Path(cfg.run.dir)
-    fsdp = sharding.fsdp_from_launcher(t.precision)  # before the Accelerator: FSDP2 is applied here, on every device
-    accelerator = Accelerator(
-        mixed_precision=t.precision, log_with=t.trackers or None, project_dir=str(run_dir),
-        step_scheduler_with_optimizer=False)  # DDP's kwargs: decide_ddp, once the objectives exist
-    world, rank = accelerator.num_processes, accelerator.process_index
-    sharding.check_world(accelerator)
-    if emulates(accelerator.device, t.precision):
-        accelerator.print(emulation_note(t.precision))
-    micro = _micro_batch_size(cfg, world)
-    check_starts(cfg.objectives, t.steps)
-    resume = resolve_resume(t.resume, run_dir)
-    _check_fresh_run_dir(run_dir, resume)
-    if accelerator.is_main_process:
-        ensure_synthetic(cfg.data, cfg.model.image_size, cfg.run.seed)
-    accelerator.wait_for_everyone()
-    pretrained = _load_init_from(t.init_from)
-    tokenizer = run_tokenizer(cfg, resume, pretrained, accelerator.print)  # the model's own on resume/init_from
-    set_seed(cfg.run.seed)
-    if pretrained is not None:
-        model = _model_from_pretrained(cfg, pretrained, tokenizer)
+class Trainer:
+    """One run of ``cfg``, in the order :meth:`run` calls its parts: the set-up checks (nothing is written
+    into ``run.dir`` until they pass), the training parts, the run folder opened (the first writes; a
+    resume's state loaded), then each step with its log window, evaluation and checkpoint, and the summary."""
+
+    def __init__(self, cfg: ExperimentConfig):
+        self.cfg, self.t, self.run_dir = cfg, cfg.train, Path(cfg.run.dir)
+
+    def run(self) -> dict[str, Any]:
+        """Train; returns the summary also written to ``run.dir/summary.json``."""
+        self._check_setup()
+        self._build_parts()
+        self._open_run()
+        self._start_loop()
+        with _StopSignal() as self.stop:
+            while self.state.step < self.t.steps:
+                if self._after_step(*self._step()):
+                    break
+        return self._finish()
+
+    # ---- set-up: every check before the first write into run.dir
+
+    def _check_setup(self) -> None:
+        """The launch, the batch split, the objectives' starts, resume and data position, the tokenizer, the
+        model, the objectives and the processor: all checked before anything is written."""
+        cfg, t, run_dir = self.cfg, self.t, self.run_dir
+        self.fsdp = sharding.fsdp_from_launcher(t.precision)  # before the Accelerator: FSDP2 is applied here, on every device
+        self.accelerator = accelerator = Accelerator(
+            mixed_precision=t.precision, log_with=t.trackers or None, project_dir=str(run_dir),
+            step_scheduler_with_optimizer=False)  # DDP's kwargs: decide_ddp, once the objectives exist
+        self.world, self.rank = accelerator.num_processes, accelerator.process_index
+        sharding.check_world(accelerator)
+        if emulates(accelerator.device, t.precision):
+            accelerator.print(emulation_note(t.precision))
+        self.micro = _micro_batch_size(cfg, self.world)
+        check_starts(cfg.objectives, t.steps)
+        self.resume = resume = resolve_resume(t.resume, run_dir)
+        _check_fresh_run_dir(run_dir, resume)
+        if accelerator.is_main_process:
+            ensure_synthetic(cfg.data, cfg.model.image_size, cfg.run.seed)
+        accelerator.wait_for_everyone()
+        pretrained = _load_init_from(t.init_from)
+        tokenizer = run_tokenizer(cfg, resume, pretrained, accelerator.print)  # the model's own on resume/init_from
+        self.model = self._build_model(pretrained, tokenizer)
         del pretrained  # its weights are copied: no second model held through the run
-    else:
+        self.stream = ShardStream(cfg.data, "train", batch_size=self.micro, image_size=cfg.model.image_size,
+                                  context_length=cfg.model.max_text_len, tokenizer=tokenizer, rank=self.rank,
+                                  world_size=self.world, seed=cfg.run.seed,
+                                  pin_memory=accelerator.device.type == "cuda",
+                                  normalize=False)  # uint8 to the device, normalised there (_to_device)
+        if resume is not None:
+            check_data_position(resume, self.stream)
+        self._build_objectives(tokenizer)
+
+    def _build_model(self, pretrained, tokenizer) -> VLModel:
+        """The run's model, seeded: ``train.init_from``'s (``pretrained``), a timm ViT's image path, or fresh."""
+        cfg, t = self.cfg, self.t
+        set_seed(cfg.run.seed)
+        if pretrained is not None:
+            return _model_from_pretrained(cfg, pretrained, tokenizer)
         vit = timm_image_tower(cfg.model, t.init_from)  # timm:NAME: the trunk's shape is the timm ViT's
         _tokenizer_into_model_config(cfg, tokenizer)
         model = VLModel(VLConfig.from_model_config(cfg.model))
         if vit is not None:
-            accelerator.print(describe_load(load_timm_image_path(model, vit, t.init_from), t.init_from))
-    stream = ShardStream(cfg.data, "train", batch_size=micro, image_size=cfg.model.image_size,
-                         context_length=cfg.model.max_text_len, tokenizer=tokenizer, rank=rank,
-                         world_size=world, seed=cfg.run.seed, pin_memory=accelerator.device.type == "cuda",
-                         normalize=False)  # uint8 to the device, normalised there (_to_device)
-    if resume is not None:
-        check_data_position(resume, stream)
+            self.accelerator.print(describe_load(load_timm_image_path(model, vit, t.init_from), t.init_from))
+        return model
 
-    model.set_grad_checkpointing(t.grad_checkpointing)
-    model.backbone.set_low_precision_emulation(emulation_for(accelerator.device, t.precision))
-    if t.freeze:
-        accelerator.print(f"train.freeze={t.freeze}: {len(FREEZE[t.freeze](model))} parameter tensors frozen")
-    objectives = build_objective_set(model, cfg.objectives, t.steps, cfg.teacher)
-    processor = VLProcessor.from_data_config(cfg.data, cfg.model.image_size, cfg.model.max_text_len, tokenizer)
-    check_resume(resume, cfg, objectives)  # every resume check before the first write into run.dir
-    check_run_processor(run_dir, resume, processor)
-    first_step = resumed_step(resume) if resume is not None else 0  # the optimiser holds what trains from it
-    objectives.set_step(first_step)
-    unused = None
-    if fsdp is None:
-        unused = decide_ddp(accelerator, objectives)  # before prepare: it sets the DDP kwargs prepare uses
-    else:  # sharded here, not by accelerate (sharding.py says why), before the optimiser takes the DTensors
-        module = sharding.shard(objectives, accelerator.device, fsdp)
-    optimizer = build_optimizer(objectives, cfg.optim, accelerator.device, start_step=first_step)
-    scheduler = build_scheduler(optimizer, cfg.optim, t.steps)
-    if fsdp is None:
-        module, optimizer, scheduler = accelerator.prepare(objectives, optimizer, scheduler)
-    else:
-        optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
-    trainables = Trainables(objectives, optimizer, scheduler, sharded=fsdp is not None)
-    cuda_graphs = t.compile and t.compile_mode in CUDA_GRAPH_MODES
-    if t.compile:
-        module = torch.compile(module, options=compile_options(t.compile_mode))
-        if cuda_graphs:
-            accelerator.print(_cuda_graph_note(t.compile_mode, accelerator.device, cfg.data.pad_multiple))
-    set_seed(cfg.run.seed + rank)  # per-rank randomness (patch dropout, masking) from here on
+    def _build_objectives(self, tokenizer) -> None:
+        """The model's training settings, the objectives and the processor; then the resume and processor checks."""
+        cfg, t, model, accelerator = self.cfg, self.t, self.model, self.accelerator
+        model.set_grad_checkpointing(t.grad_checkpointing)
+        model.backbone.set_low_precision_emulation(emulation_for(accelerator.device, t.precision))
+        if t.freeze:
+            accelerator.print(f"train.freeze={t.freeze}: {len(FREEZE[t.freeze](model))} parameter tensors frozen")
+        self.objectives = build_objective_set(model, cfg.objectives, t.steps, cfg.teacher)
+        self.processor = VLProcessor.from_data_config(cfg.data, cfg.model.image_size, cfg.model.max_text_len, tokenizer)
+        check_resume(self.resume, cfg, self.objectives)  # every resume check before the first write into run.dir
+        check_run_processor(self.run_dir, self.resume, self.processor)
 
-    counter = FlopCounter(objectives)
-    native_low_precision = t.precision in ("bf16", "fp16") and not emulates(accelerator.device, t.precision)
-    peak = device_peak_flops(accelerator.device, native_low_precision)  # emulated low precision runs fp32 GEMMs
-    config_yaml = to_yaml(cfg)
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(config_yaml)
-        save_run_processor(run_dir, processor)  # what every checkpoint's manifest points to
-    accelerator.init_trackers(run_dir.name, config=_flat(cfg), init_kwargs=_tracker_kwargs(t.trackers, run_dir))
-    state = _State()
-    if resume is not None:  # last before the loop: it restores the RNG states the next step draws from
-        saved, data_position = load_checkpoint(accelerator, resume, trainables)
-        state = _State(**saved)
-        if data_position is not None:
-            how = stream.load_position(data_position)
-            accelerator.print(f"data position of {resume.name}: {how} ({world} process(es))")
-    log = MetricsLog(run_dir, accelerator, resume_step=state.step if resume is not None else None)
+    # ---- the training parts and the run folder
 
-    def checkpoint() -> Path:
-        return save_checkpoint(accelerator, run_dir, state.step, vars(state), stream, config_yaml, t.keep_last,
-                               trainables)
+    def _build_parts(self) -> None:
+        """DDP's settings or FSDP2 sharding, the optimiser and scheduler (prepared), torch.compile; then the
+        per-rank seed."""
+        cfg, t, accelerator, objectives, fsdp = self.cfg, self.t, self.accelerator, self.objectives, self.fsdp
+        first_step = resumed_step(self.resume) if self.resume is not None else 0  # the optimiser holds what trains from it
+        objectives.set_step(first_step)
+        self.unused = None
+        if fsdp is None:
+            self.unused = decide_ddp(accelerator, objectives)  # before prepare: it sets the DDP kwargs prepare uses
+        else:  # sharded here, not by accelerate (sharding.py says why), before the optimiser takes the DTensors
+            module = sharding.shard(objectives, accelerator.device, fsdp)
+        optimizer = build_optimizer(objectives, cfg.optim, accelerator.device, start_step=first_step)
+        scheduler = build_scheduler(optimizer, cfg.optim, t.steps)
+        if fsdp is None:
+            module, optimizer, scheduler = accelerator.prepare(objectives, optimizer, scheduler)
+        else:
+            optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.trainables = Trainables(objectives, optimizer, scheduler, sharded=fsdp is not None)
+        self.cuda_graphs = t.compile and t.compile_mode in CUDA_GRAPH_MODES
+        if t.compile:
+            module = torch.compile(module, options=compile_options(t.compile_mode))
+            if self.cuda_graphs:
+                accelerator.print(_cuda_graph_note(t.compile_mode, accelerator.device, cfg.data.pad_multiple))
+        self.module = module
+        set_seed(cfg.run.seed + self.rank)  # per-rank randomness (patch dropout, masking) from here on
 
-    start, samples_at_start, step_at_start = time.perf_counter(), state.samples_seen, state.step
-    progress = _progress(accelerator, state.step, t.steps)
-    it = iter(stream)
-    decoded = DeviceBatches(stream, accelerator.device)  # data.decode=device: JPEGs decoded there (else as is)
-    new_window = {"time": 0.0, "wait": 0.0, "samples": 0, "tokens": 0.0, "steps": 0}
-    window = dict(new_window)
-    means = WindowMeans()  # the window's mean losses and metrics, summed on the device
-    image_tokens = 1 + model.backbone.num_patches  # per image: cls + patches (before any patch dropout)
-    stopped_by, final = None, resume  # a run resumed at its last step has nothing new to save
-    flags = _StepFlags(state, t.max_nonfinite)
-    data_bound_noted = False
-    with _StopSignal() as stop:
-        while state.step < t.steps:
-            step_start = time.perf_counter()
-            batches, tokens = [], 0.0
-            for _ in range(t.accum_steps):
-                raw, it = _next_batch(stream, it, state, micro)
-                tokens += _tokens(raw, image_tokens)  # counted on the host batch: no device sync
-                batches.append(_to_device(decoded(raw), accelerator.device, stream.normalize, compiled=t.compile))
-                for reason, n in raw.get("skipped", {}).items():
-                    window[f"skipped/{reason}"] = window.get(f"skipped/{reason}", 0) + n
-            wait = time.perf_counter() - step_start
-            objectives.set_step(state.step)  # objectives starting now join the optimiser (objectives/schedule.py)
-            add_started_groups(optimizer, scheduler, objectives.parts_starting_at(state.step), cfg.optim)
-            module.train()
-            if cuda_graphs:  # a new iteration: the previous step's graph outputs may be overwritten from here on
-                torch.compiler.cudagraph_mark_step_begin()
-            with low_precision_context(accelerator, t.precision):
-                if t.accum_steps == 1:
-                    out = module(batches[0])
-                    backward(out.loss, accelerator)
-                else:
-                    out = accumulate_backward(module, batches, accelerator)
-            grad_norm = torch.as_tensor(  # always computed (max_norm=inf clips nothing): it also detects non-finite gradients
-                accelerator.clip_grad_norm_(module.parameters(), cfg.optim.grad_clip or float("inf")),
-                device=accelerator.device).float().reshape(1)
-            # one reduce per step, read by nobody now: the summed loss, and whether any rank got SIGTERM/SIGINT
-            loss = out.loss.detach().float().reshape(1)
-            summed = accelerator.reduce(torch.cat([loss, torch.full_like(loss, float(stop.received is not None))]),
-                                        "sum")
-            bad = ~torch.isfinite(summed[:1])
-            if accelerator.scaler is not None:
-                # fp16: the grad scaler skips steps with inf/nan gradients itself and lowers its scale;
-                # it must see every step, so only a non-finite loss counts against the run
-                optimizer.step()
+    def _open_run(self) -> None:
+        """The first writes into run.dir (config, processor, trackers), then a resume's state and data position."""
+        cfg, t, accelerator, run_dir = self.cfg, self.t, self.accelerator, self.run_dir
+        self.counter = FlopCounter(self.objectives)
+        native_low_precision = t.precision in ("bf16", "fp16") and not emulates(accelerator.device, t.precision)
+        self.peak = device_peak_flops(accelerator.device, native_low_precision)  # emulated low precision runs fp32 GEMMs
+        self.config_yaml = to_yaml(cfg)
+        if accelerator.is_main_process:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(self.config_yaml)
+            save_run_processor(run_dir, self.processor)  # what every checkpoint's manifest points to
+        accelerator.init_trackers(run_dir.name, config=_flat(cfg), init_kwargs=_tracker_kwargs(t.trackers, run_dir))
+        self.state = _State()
+        if self.resume is not None:  # last before the loop: it restores the RNG states the next step draws from
+            saved, data_position = load_checkpoint(accelerator, self.resume, self.trainables)
+            self.state = _State(**saved)
+            if data_position is not None:
+                how = self.stream.load_position(data_position)
+                accelerator.print(f"data position of {self.resume.name}: {how} ({self.world} process(es))")
+        self.log = MetricsLog(run_dir, accelerator, resume_step=self.state.step if self.resume is not None else None)
+
+    def _checkpoint(self) -> Path:
+        return save_checkpoint(self.accelerator, self.run_dir, self.state.step, vars(self.state), self.stream,
+                               self.config_yaml, self.t.keep_last, self.trainables)
+
+    def _start_loop(self) -> None:
+        """What the loop carries besides the state: timers, progress bar, data iterator, log window, flags."""
+        state = self.state
+        self.start, self.samples_at_start, self.step_at_start = time.perf_counter(), state.samples_seen, state.step
+        self.progress = _progress(self.accelerator, state.step, self.t.steps)
+        self.it = iter(self.stream)
+        self.decoded = DeviceBatches(self.stream, self.accelerator.device)  # data.decode=device: JPEGs decoded there (else as is)
+        self.new_window = {"time": 0.0, "wait": 0.0, "samples": 0, "tokens": 0.0, "steps": 0}
+        self.window = dict(self.new_window)
+        self.means = WindowMeans()  # the window's mean losses and metrics, summed on the device
+        self.image_tokens = 1 + self.model.backbone.num_patches  # per image: cls + patches (before any patch dropout)
+        self.stopped_by, self.final = None, self.resume  # a run resumed at its last step has nothing new to save
+        self.flags = _StepFlags(state, self.t.max_nonfinite)
+        self.data_bound_noted = False
+
+    # ---- one step
+
+    def _step(self) -> tuple[bool, torch.Tensor]:
+        """One optimiser step; returns whether a rank asked to stop (as read back) and the gradient norm (on the
+        device). After train.max_nonfinite non-finite steps in a row: a checkpoint, then TrainingStopped."""
+        t, state = self.t, self.state
+        step_start = time.perf_counter()
+        batches, tokens = self._next_batches()
+        wait = time.perf_counter() - step_start
+        out = self._forward_backward(batches)
+        grad_norm, summed, bad = self._optimizer_step(out)
+        state.step += 1
+        n_samples = self.micro * len(batches) * self.world  # every micro-batch is full (_next_batch)
+        state.samples_seen += n_samples
+        # the step's flags are read one step late, except where the host reads anyway (log, eval,
+        # checkpoint, last step) and during a run of non-finite steps (so the limit is hit exactly)
+        sync_now = (state.step % t.log_every == 0 or state.step == t.steps or state.nonfinite_run > 0
+                    or _every(self.cfg.eval.every, state.step) or _every(t.ckpt_every, state.step))
+        stop_now, diverged = self.flags.after_step(torch.cat([summed[1:], bad.float()]), sync_now)
+        step_time = time.perf_counter() - step_start
+        window = self.window
+        window["time"] += step_time
+        window["wait"] += wait
+        window["samples"] += n_samples
+        window["tokens"] += tokens
+        window["steps"] += 1
+        if diverged:
+            path = self._checkpoint()
+            raise TrainingStopped(f"the loss or gradient was non-finite in {diverged} steps in a row "
+                                  f"(train.max_nonfinite={t.max_nonfinite}); the last good weights are saved in "
+                                  f"{path}. Lower optim.lr, raise optim.warmup_steps or check the data.")
+        return stop_now, grad_norm
+
+    def _next_batches(self) -> tuple[list[dict], float]:
+        """train.accum_steps full micro-batches on the device, and their input tokens (counted on the host)."""
+        batches, tokens = [], 0.0
+        for _ in range(self.t.accum_steps):
+            raw, self.it = _next_batch(self.stream, self.it, self.state, self.micro)
+            tokens += _tokens(raw, self.image_tokens)  # counted on the host batch: no device sync
+            batches.append(_to_device(self.decoded(raw), self.accelerator.device, self.stream.normalize,
+                                      compiled=self.t.compile))
+            for reason, n in raw.get("skipped", {}).items():
+                self.window[f"skipped/{reason}"] = self.window.get(f"skipped/{reason}", 0) + n
+        return batches, tokens
+
+    def _forward_backward(self, batches: list[dict]):
+        """The objectives at this step (those starting now join the optimiser), forward and backward."""
+        t, accelerator, module, state = self.t, self.accelerator, self.module, self.state
+        self.objectives.set_step(state.step)  # objectives starting now join the optimiser (objectives/schedule.py)
+        add_started_groups(self.optimizer, self.scheduler, self.objectives.parts_starting_at(state.step), self.cfg.optim)
+        module.train()
+        if self.cuda_graphs:  # a new iteration: the previous step's graph outputs may be overwritten from here on
+            torch.compiler.cudagraph_mark_step_begin()
+        with low_precision_context(accelerator, t.precision):
+            if t.accum_steps == 1:
+                out = module(batches[0])
+                backward(out.loss, accelerator)
             else:
-                bad = bad | ~torch.isfinite(grad_norm)
-                step_unless(optimizer, bad)  # skipped on the device: no host read of the loss here
-            means.add(step_values(out), bad)  # non-finite steps are left out of the window's means
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            objectives.after_optimizer_step()  # on the real (sharded) parameters: temperature clamp, EMA teacher
-            state.step += 1
-            n_samples = micro * len(batches) * world  # every micro-batch is full (_next_batch)
-            state.samples_seen += n_samples
-            # the step's flags are read one step late, except where the host reads anyway (log, eval,
-            # checkpoint, last step) and during a run of non-finite steps (so the limit is hit exactly)
-            sync_now = (state.step % t.log_every == 0 or state.step == t.steps or state.nonfinite_run > 0
-                        or _every(cfg.eval.every, state.step) or _every(t.ckpt_every, state.step))
-            stop_now, diverged = flags.after_step(torch.cat([summed[1:], bad.float()]), sync_now)
-            step_time = time.perf_counter() - step_start
-            window["time"] += step_time
-            window["wait"] += wait
-            window["samples"] += n_samples
-            window["tokens"] += tokens
-            window["steps"] += 1
-            if diverged:
-                path = checkpoint()
-                raise TrainingStopped(f"the loss or gradient was non-finite in {diverged} steps in a row "
-                                      f"(train.max_nonfinite={t.max_nonfinite}); the last good weights are saved in "
-                                      f"{path}. Lower optim.lr, raise optim.warmup_steps or check the data.")
-            if state.step % t.log_every == 0 or state.step == t.steps:
-                window_means = means.take(accelerator)  # the one reduce and read of the window's means
-                loss_value = window_means["loss"]
-                all_tokens = float(accelerator.reduce(torch.tensor([window["tokens"]], device=accelerator.device), "sum"))
-                record = {"samples_seen": state.samples_seen, "epoch": state.epoch, **window_means,
-                          "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                          "samples_per_s": window["samples"] / window["time"],
-                          "tokens_per_s": all_tokens / window["time"], "step_time_s": window["time"] / window["steps"],
-                          "data_wait_frac": window["wait"] / window["time"], "nonfinite_steps": state.nonfinite_total,
-                          **{k: v for k, v in window.items() if k.startswith("skipped/")}}
-                flops = counter.take_flops()  # the window's steps (read here: under compile, a device value)
-                record.update(flop_rates(flops, window["time"], peak))
-                log.log(state.step, record)
-                if (not data_bound_noted and state.step - step_at_start > t.log_every  # the first holds the workers' start
-                        and record["data_wait_frac"] > DATA_BOUND_WAIT):
-                    accelerator.print(_data_bound_note(state.step, record["data_wait_frac"], stream.num_workers))
-                    data_bound_noted = True
-                progress.set_postfix(loss=f"{loss_value:.3f}", samples_s=f"{record['samples_per_s']:.1f}")
-                window = dict(new_window)
-            progress.update(1)
-            if _every(cfg.eval.every, state.step) and state.step < t.steps:
-                state.eval = _evaluate(cfg, accelerator, module, processor, log, state.step)
-            if stop_now:
-                stopped_by = signal.Signals(stop.received).name if stop.received is not None else "SIGTERM"
-                break
-            if _every(t.ckpt_every, state.step):
-                final = checkpoint()
-    progress.close()
-    counter.remove()
-    if final is None or final.name != f"step_{state.step}":
-        final = checkpoint()
-    wall = time.perf_counter() - start
-    if stopped_by is None:  # (a finished run resumed trains nothing: its last evaluation stands, logged once)
-        logged = logged_eval(run_dir, state.step) if resume is not None and state.step == step_at_start else None
-        state.eval = logged or _evaluate(cfg, accelerator, module, processor, log, state.step)
-    summary = {"run_dir": str(run_dir), "world_size": world, "steps": state.step, "samples_seen": state.samples_seen,
-               "stopped_by": stopped_by, "wall_time_s": wall,
-               "samples_per_s": (state.samples_seen - samples_at_start) / max(wall, 1e-9),
-               "nonfinite_steps": state.nonfinite_total, "dropped_epoch_tails": state.dropped_tail,
-               "skipped_samples": stream.skipped_by_reason(), "ddp": ddp_record(module, unused),
-               "final_metrics": {k: v for k, v in (log.last or {}).items()}, "eval": state.eval,
-               "checkpoint": str(final), "distributed": sharding.describe(module, accelerator)}
-    model = _full_model(cfg, accelerator, module) if t.export and stopped_by is None else None
-    if model is not None:
-        summary["export"] = str(_export(model, processor, run_dir))
-    if accelerator.is_main_process:
-        summary["plots"] = [str(p) for p in plot_curves(run_dir)]
-        _write_json(run_dir / "summary.json", summary)
-    accelerator.end_training()
-    return summary
+                out = accumulate_backward(module, batches, accelerator)
+        return out
+
+    def _optimizer_step(self, out) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Clip, the step's one reduce, the optimiser step (skipped on the device when non-finite) and the
+        after-step hooks. Returns the gradient norm, the summed (loss, stop requests) and the non-finite flag,
+        all on the device."""
+        accelerator, optimizer, stop = self.accelerator, self.optimizer, self.stop
+        grad_norm = torch.as_tensor(  # always computed (max_norm=inf clips nothing): it also detects non-finite gradients
+            accelerator.clip_grad_norm_(self.module.parameters(), self.cfg.optim.grad_clip or float("inf")),
+            device=accelerator.device).float().reshape(1)
+        # one reduce per step, read by nobody now: the summed loss, and whether any rank got SIGTERM/SIGINT
+        loss = out.loss.detach().float().reshape(1)
+        summed = accelerator.reduce(torch.cat([loss, torch.full_like(loss, float(stop.received is not None))]),
+                                    "sum")
+        bad = ~torch.isfinite(summed[:1])
+        if accelerator.scaler is not None:
+            # fp16: the grad scaler skips steps with inf/nan gradients itself and lowers its scale;
+            # it must see every step, so only a non-finite loss counts against the run
+            optimizer.step()
+        else:
+            bad = bad | ~torch.isfinite(grad_norm)
+            step_unless(optimizer, bad)  # skipped on the device: no host read of the loss here
+        self.means.add(step_values(out), bad)  # non-finite steps are left out of the window's means
+        self.scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        self.objectives.after_optimizer_step()  # on the real (sharded) parameters: temperature clamp, EMA teacher
+        return grad_norm, summed, bad
+
+    # ---- after each step: log window, evaluation, stop, checkpoint
+
+    def _after_step(self, stop_now: bool, grad_norm: torch.Tensor) -> bool:
+        """The log window, evaluation and checkpoint due at this step; True when the run stops here."""
+        cfg, t, state = self.cfg, self.t, self.state
+        if state.step % t.log_every == 0 or state.step == t.steps:
+            self._log_window(grad_norm)
+        self.progress.update(1)
+        if _every(cfg.eval.every, state.step) and state.step < t.steps:
+            state.eval = _evaluate(cfg, self.accelerator, self.module, self.processor, self.log, state.step)
+        if stop_now:
+            received = self.stop.received
+            self.stopped_by = signal.Signals(received).name if received is not None else "SIGTERM"
+            return True
+        if _every(t.ckpt_every, state.step):
+            self.final = self._checkpoint()
+        return False
+
+    def _log_window(self, grad_norm: torch.Tensor) -> None:
+        """The record of the log window ending at this step (means, rates, FLOP rates), logged; the data-bound
+        note (once); a new window."""
+        accelerator, state, window = self.accelerator, self.state, self.window
+        window_means = self.means.take(accelerator)  # the one reduce and read of the window's means
+        loss_value = window_means["loss"]
+        all_tokens = float(accelerator.reduce(torch.tensor([window["tokens"]], device=accelerator.device), "sum"))
+        record = {"samples_seen": state.samples_seen, "epoch": state.epoch, **window_means,
+                  "lr": self.scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                  "samples_per_s": window["samples"] / window["time"],
+                  "tokens_per_s": all_tokens / window["time"], "step_time_s": window["time"] / window["steps"],
+                  "data_wait_frac": window["wait"] / window["time"], "nonfinite_steps": state.nonfinite_total,
+                  **{k: v for k, v in window.items() if k.startswith("skipped/")}}
+        flops = self.counter.take_flops()  # the window's steps (read here: under compile, a device value)
+        record.update(flop_rates(flops, window["time"], self.peak))
+        self.log.log(state.step, record)
+        if (not self.data_bound_noted and state.step - self.step_at_start > self.t.log_every  # the first holds the workers' start
+                and record["data_wait_frac"] > DATA_BOUND_WAIT):
+            accelerator.print(_data_bound_note(state.step, record["data_wait_frac"], self.stream.num_workers))
+            self.data_bound_noted = True
+        self.progress.set_postfix(loss=f"{loss_value:.3f}", samples_s=f"{record['samples_per_s']:.1f}")
+        self.window = dict(self.new_window)
+
+    # ---- the end: last checkpoint and evaluation, export, summary
+
+    def _finish(self) -> dict[str, Any]:
+        """The last checkpoint and evaluation, the summary, the export and the plots; returns the summary."""
+        cfg, accelerator, state, resume = self.cfg, self.accelerator, self.state, self.resume
+        self.progress.close()
+        self.counter.remove()
+        if self.final is None or self.final.name != f"step_{state.step}":
+            self.final = self._checkpoint()
+        wall = time.perf_counter() - self.start
+        if self.stopped_by is None:  # (a finished run resumed trains nothing: its last evaluation stands, logged once)
+            logged = logged_eval(self.run_dir, state.step) if resume is not None and state.step == self.step_at_start else None
+            state.eval = logged or _evaluate(cfg, accelerator, self.module, self.processor, self.log, state.step)
+        summary = self._summary(wall)
+        model = _full_model(cfg, accelerator, self.module) if self.t.export and self.stopped_by is None else None
+        if model is not None:
+            summary["export"] = str(_export(model, self.processor, self.run_dir))
+        if accelerator.is_main_process:
+            summary["plots"] = [str(p) for p in plot_curves(self.run_dir)]
+            _write_json(self.run_dir / "summary.json", summary)
+        accelerator.end_training()
+        return summary
+
+    def _summary(self, wall: float) -> dict[str, Any]:
+        state, module, accelerator = self.state, self.module, self.accelerator
+        return {"run_dir": str(self.run_dir), "world_size": self.world, "steps": state.step,
+                "samples_seen": state.samples_seen, "stopped_by": self.stopped_by, "wall_time_s": wall,
+                "samples_per_s": (state.samples_seen - self.samples_at_start) / max(wall, 1e-9),
+                "nonfinite_steps": state.nonfinite_total, "dropped_epoch_tails": state.dropped_tail,
+                "skipped_samples": self.stream.skipped_by_reason(), "ddp": ddp_record(module, self.unused),
+                "final_metrics": {k: v for k, v in (self.log.last or {}).items()}, "eval": state.eval,
+                "checkpoint": str(self.final), "distributed": sharding.describe(module, accelerator)}
+
+
+def train(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Run the experiment ``cfg``; returns the summary also written to ``run.dir/summary.json``."""
+    return Trainer(cfg).run()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -505,60 +567,3 @@ def _progress(accelerator, step: int, total: int):
 
     return tqdm(total=total, initial=step, disable=not accelerator.is_main_process, unit="step",
                 dynamic_ncols=True, desc="train")
-
-
-def _full_model(cfg: ExperimentConfig, accelerator, module, every_rank: bool = False) -> VLModel | None:
-    """The trained VLModel whole, on the main process (None elsewhere; on every rank with ``every_rank``).
-    Every rank must call this: under FSDP the shards are gathered into a fresh model (strictly); otherwise
-    the wrapped model is unwrapped."""
-    if not sharding.is_sharded(module):
-        return accelerator.unwrap_model(module).model if accelerator.is_main_process or every_rank else None
-    state = sharding.gather_full_state(module, every_rank)  # collective
-    if not (accelerator.is_main_process or every_rank):
-        return None
-    model = VLModel(VLConfig.from_model_config(cfg.model))
-    load_strict(model, {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")},
-                "the gathered FSDP state of the trained model")
-    return model.to(accelerator.device)
-
-
-def _evaluate(cfg: ExperimentConfig, accelerator, module, processor, log: MetricsLog, step: int) -> dict:
-    """Evaluation on data.val, every rank embedding its share (eval/during_training.py) with the whole model
-    (under FSDP a replica gathered for it); the main process gets the figures and logs them as eval/*.
-    Every rank must call this."""
-    if not cfg.data.val:
-        return {}
-    captioning = any(entry["name"] == "captioning" for entry in cfg.objectives)
-    with low_precision_context(accelerator, cfg.train.precision):
-        results = evaluate_val_shards(
-            _full_model(cfg, accelerator, module, every_rank=True), processor, cfg.data.val, max_samples=cfg.eval.max_samples,
-            num_captions=cfg.eval.num_captions, max_new_tokens=cfg.eval.max_new_tokens, device=accelerator.device,
-            captioning=captioning, rank=accelerator.process_index, world_size=accelerator.num_processes,
-            num_workers=cfg.data.num_workers, pad_multiple=cfg.data.pad_multiple)
-    if accelerator.is_main_process:
-        figures = {f"eval/{k}": v for k, v in results.items() if isinstance(v, (int, float))}
-        log.log(step, {**figures, "eval/captions": results.get("captions", [])})
-        for cap in results.get("captions", []):
-            accelerator.print(f"  [step {step}] {cap['generated']!r}  (reference: {cap['reference']!r})")
-    return results
-
-
-def _export(model: VLModel, processor: VLProcessor, run_dir: Path) -> Path:
-    """The final model and its processor as one HuggingFace folder, written then renamed."""
-    import shutil
-
-    out, tmp = run_dir / "model", run_dir / ".model.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    import json
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    tmp.replace(path)
