@@ -35,3 +35,46 @@ def train_overrides(root, run_dir, *extra: str) -> list[str]:
             "train.log_every=1", "train.ckpt_every=0", "optim.warmup_steps=2", "eval.max_samples=64",
             "eval.num_captions=2", "eval.max_new_tokens=8",
             "objectives=[{name: contrastive, weight: 1.0}, {name: captioning, weight: 1.0}]", *extra]
+
+
+# The start of a script run in a process where vlpretrain is not importable (CI installs it editable):
+# what a user without vlpretrain has, for the tests of what an export gives transformers alone.
+HIDE_VLPRETRAIN = r'''
+import importlib.abc, json, sys
+
+
+class HideVlpretrain(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "vlpretrain" or name.startswith("vlpretrain."):
+            raise ImportError(f"{name} is hidden from this process")
+        return None
+
+
+sys.meta_path.insert(0, HideVlpretrain())
+try:
+    import vlpretrain
+except ImportError:
+    pass
+else:
+    sys.exit("vlpretrain is importable here: the test would prove nothing")
+'''
+
+PROBE_TEXTS = ["a small red circle", "two blue squares at the top"]
+
+
+def probe_images():
+    from PIL import Image
+
+    return [Image.new("RGB", (32, 32), (220, 40, 40)), Image.new("RGB", (32, 32), (40, 80, 220))]
+
+
+def embedding_diff(loaded, theirs: dict) -> float:
+    """Max abs difference between ``loaded``'s (a LoadedModel) embeddings of the probe images and texts and
+    ``theirs`` (``image``/``text``/``input_ids`` computed elsewhere from the same inputs); the ids must match."""
+    batch = loaded.processor(images=probe_images(), text=PROBE_TEXTS)
+    assert batch["input_ids"].tolist() == theirs["input_ids"]
+    with torch.no_grad():
+        img = loaded.model.encode_image(batch["pixel_values"])
+        txt = loaded.model.encode_text(batch["input_ids"], batch["attention_mask"])
+    return max((img - torch.tensor(theirs["image"])).abs().max().item(),
+               (txt - torch.tensor(theirs["text"])).abs().max().item())

@@ -12,31 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
+from tests.helpers import HIDE_VLPRETRAIN, embedding_diff
 from vlpretrain.cli import main
 from vlpretrain.export.source import IncompleteCheckpoint, load_source
 
-FRESH_PROCESS = r'''
-import importlib.abc, json, sys
-
-
-class HideVlpretrain(importlib.abc.MetaPathFinder):
-    """Where vlpretrain is installed (CI installs it editable), make it unimportable, as elsewhere."""
-
-    def find_spec(self, name, path=None, target=None):
-        if name == "vlpretrain" or name.startswith("vlpretrain."):
-            raise ImportError(f"{name} is hidden from this process")
-        return None
-
-
-sys.meta_path.insert(0, HideVlpretrain())
-try:
-    import vlpretrain
-except ImportError:
-    pass
-else:
-    sys.exit("vlpretrain is importable here: the test would prove nothing")
+FRESH_PROCESS = HIDE_VLPRETRAIN + r'''
 import torch
 from PIL import Image
 from transformers import AutoModel, AutoProcessor
@@ -87,15 +68,7 @@ def test_fresh_process_without_vlpretrain_loads_it_with_the_same_embeddings(hf_e
     assert proc.returncode == 0, proc.stderr[-3000:]
     theirs = json.loads(proc.stdout.split("RESULT ", 1)[1])
     assert theirs["model_module"].startswith("transformers_modules.")
-    ours = load_source(trained_run / "checkpoints" / "step_6")
-    images = [Image.new("RGB", (32, 32), (220, 40, 40)), Image.new("RGB", (32, 32), (40, 80, 220))]
-    batch = ours.processor(images=images, text=["a small red circle", "two blue squares at the top"])
-    assert batch["input_ids"].tolist() == theirs["input_ids"]
-    with torch.no_grad():
-        img = ours.model.encode_image(batch["pixel_values"])
-        txt = ours.model.encode_text(batch["input_ids"], batch["attention_mask"])
-    diff = max((img - torch.tensor(theirs["image"])).abs().max().item(),
-               (txt - torch.tensor(theirs["text"])).abs().max().item())
+    diff = embedding_diff(load_source(trained_run / "checkpoints" / "step_6"), theirs)
     print(f"hf export embedding max abs diff: {diff:.2e}")
     assert diff < 1e-5
 

@@ -23,7 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import train_overrides
+from tests.helpers import embedding_diff, train_overrides
 from tests.test_export_hf import FRESH_PROCESS
 from tests.test_train_processes import ENV, ROOT, finish, make_interleaved_shards, start, write_config
 from vlpretrain.train.checkpoint import complete_checkpoints
@@ -142,7 +142,6 @@ def test_fsdp_equals_ddp_with_the_same_random_draws(runs):
 
 @pytest.mark.slow
 def test_fsdp_checkpoint_exports_to_a_hub_folder_transformers_loads_without_vlpretrain(runs, tmp_path):
-    from PIL import Image
 
     from vlpretrain.cli import main
     from vlpretrain.export.source import load_source
@@ -159,17 +158,9 @@ def test_fsdp_checkpoint_exports_to_a_hub_folder_transformers_loads_without_vlpr
     assert proc.returncode == 0, proc.stderr[-3000:]
     theirs = json.loads(proc.stdout.split("RESULT ", 1)[1])
     # the trained model: the consolidated shards, strictly loaded into a VLModel
-    ours = load_source(step)
     assert json.loads((out / "config.json").read_text())["vlpretrain_training"]["logit_scale"] == pytest.approx(
         float(consolidated(runs["a_fsdp"])["objectives.contrastive.logit_scale"].reshape(())))
-    images = [Image.new("RGB", (32, 32), (220, 40, 40)), Image.new("RGB", (32, 32), (40, 80, 220))]
-    batch = ours.processor(images=images, text=["a small red circle", "two blue squares at the top"])
-    assert batch["input_ids"].tolist() == theirs["input_ids"]
-    with torch.no_grad():
-        img = ours.model.encode_image(batch["pixel_values"])
-        txt = ours.model.encode_text(batch["input_ids"], batch["attention_mask"])
-    diff = max((img - torch.tensor(theirs["image"])).abs().max().item(),
-               (txt - torch.tensor(theirs["text"])).abs().max().item())
+    diff = embedding_diff(load_source(step), theirs)
     print(f"FSDP checkpoint -> hf export -> AutoModel: embedding max abs diff {diff:.2e}")
     assert diff < 1e-5
 

@@ -15,6 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.helpers import HIDE_VLPRETRAIN
+
 from vlpretrain import VLModel, VLProcessor
 from vlpretrain.cli import main
 from vlpretrain.data.images import ImageTransform
@@ -22,24 +24,7 @@ from vlpretrain.eval.beam import beam_search, caption_logprob
 
 TEXTS = ["a small red circle", "", "two blue squares at the top " * 6]  # the last is longer than 16 tokens
 
-NO_VLPRETRAIN = r'''
-import importlib.abc, json, sys
-
-
-class HideVlpretrain(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "vlpretrain" or name.startswith("vlpretrain."):
-            raise ImportError(f"{name} is hidden from this process")
-        return None
-
-
-sys.meta_path.insert(0, HideVlpretrain())
-try:
-    import vlpretrain
-except ImportError:
-    pass
-else:
-    sys.exit("vlpretrain is importable here: the test would prove nothing")
+NO_VLPRETRAIN = HIDE_VLPRETRAIN + r'''
 import numpy as np
 import torch
 from PIL import Image
