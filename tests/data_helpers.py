@@ -62,6 +62,19 @@ def jpeg_bytes(size=(32, 32), color=(200, 30, 30), mode="RGB", **save) -> bytes:
     return buf.getvalue()
 
 
+def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
+    """A tar file holding ``members`` (name, data) in order, as bytes."""
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
 def png_bytes(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")

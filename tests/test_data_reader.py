@@ -6,31 +6,26 @@ import gzip
 import io
 import tarfile
 
-from tests.data_helpers import jpeg_bytes
+from tests.data_helpers import jpeg_bytes, tar_bytes
 from vlpretrain.data.reader import SkipCounter, by_reason, iter_shard
 
 
-def tar_bytes(n: int) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for i in range(n):
-            for ext, data in (("jpg", jpeg_bytes(color=(10 * i, 0, 0))), ("txt", f"caption {i}".encode())):
-                info = tarfile.TarInfo(f"s{i}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
+def samples_tar(n: int) -> bytes:
+    """A shard of ``n`` good samples s0..s{n-1} (a JPEG and a caption each)."""
+    return tar_bytes([(f"s{i}.{ext}", data) for i in range(n)
+                      for ext, data in (("jpg", jpeg_bytes(color=(10 * i, 0, 0))), ("txt", f"caption {i}".encode()))])
 
 
 def test_intact_gzipped_shard_yields_every_sample_and_skips_none(tmp_path):
     path = tmp_path / "shard.tar.gz"
-    path.write_bytes(gzip.compress(tar_bytes(3)))
+    path.write_bytes(gzip.compress(samples_tar(3)))
     skips = SkipCounter()
     assert [s.key for s in iter_shard(str(path), skips)] == ["s0", "s1", "s2"]
     assert by_reason(skips.take()) == {}
 
 
 def test_cut_plain_shard_is_counted_as_truncated(tmp_path):
-    whole = tar_bytes(3)
+    whole = samples_tar(3)
     with tarfile.open(fileobj=io.BytesIO(whole)) as tar:
         last = tar.getmembers()[-1]  # s2.txt: cut inside its data
     path = tmp_path / "shard.tar"
@@ -49,15 +44,10 @@ def test_resuming_a_shard_passes_over_read_groups_and_keeps_the_listed_ones(tmp_
                        ("s6", "jt")]:  # groups 0..6: 1 lacks a caption, 5 repeats key s0
         members += [(f"{key}.{'jpg' if p == 'j' else 'txt'}", jpeg_bytes() if p == "j" else key.encode())
                     for p in parts]
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    data = tar_bytes(members)
     plain, packed = tmp_path / "shard.tar", tmp_path / "shard.tar.gz"
-    plain.write_bytes(buf.getvalue())
-    packed.write_bytes(gzip.compress(buf.getvalue()))
+    plain.write_bytes(data)
+    packed.write_bytes(gzip.compress(data))
     for url in (str(plain), str(packed), f"pipe:cat {plain}"):
         skips = SkipCounter()
         assert [(s.key, s.index) for s in iter_shard(url, skips)] == [("s0", 0), ("s2", 2), ("s3", 3), ("s4", 4),

@@ -23,6 +23,7 @@ from tests.data_helpers import (
     make_stream,
     png_bytes,
     run_python,
+    tar_bytes,
     synth_corpus,
     take,
 )
@@ -48,13 +49,7 @@ def _train_keys(corpus) -> set[str]:
 
 
 def _tar(path, members: list[tuple[str, bytes]], cut: int | None = None) -> None:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    data = buf.getvalue()
+    data = tar_bytes(members)
     path.write_bytes(data[:cut] if cut else data)
 
 
