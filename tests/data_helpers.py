@@ -38,11 +38,11 @@ def data_config(root: Path, **values):
 
 
 def make_stream(cfg, split: str = "train", batch_size: int = 8, rank: int = 0, world_size: int = 1,
-                seed: int = 0, tokenizer=None, normalize: bool = True):
+                seed: int = 0, tokenizer=None, normalize: bool = True, views=None):
     from vlpretrain.data.shards import ShardStream
 
     return ShardStream(cfg, split, batch_size=batch_size, image_size=32, context_length=32, tokenizer=tokenizer,
-                       rank=rank, world_size=world_size, seed=seed, normalize=normalize)
+                       rank=rank, world_size=world_size, seed=seed, normalize=normalize, views=views)
 
 
 def take(stream, n: int) -> list[dict]:

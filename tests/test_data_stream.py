@@ -208,6 +208,33 @@ def test_uint8_batches_normalised_by_the_consumer_equal_the_workers_floats(corpu
         assert torch.equal(on_device["pixel_values"], want["pixel_values"])
 
 
+def test_worker_views_leave_the_clean_batch_as_it_was_and_reach_the_device_normalised(corpus, tokenizer):
+    """Views declared to the stream come in ``batch["views"]`` from the workers; the clean pixels, captions and
+    keys equal the stream's without views (the views' crops draw from their own seeds), and ``_to_device``
+    normalises the views with the stream's normalisation. A view larger than the image is refused up front."""
+    from vlpretrain.data.views import ViewSpec
+    from vlpretrain.train.loop import _to_device
+
+    cfg = data_config(corpus, num_workers=2)
+    views = {"local": ViewSpec(3, 16, (0.1, 0.4)), "global": ViewSpec(1, 32, (0.5, 1.0))}
+    plain = take(make_stream(cfg, batch_size=8, tokenizer=tokenizer, normalize=False), 3)
+    stream = make_stream(cfg, batch_size=8, tokenizer=tokenizer, normalize=False, views=views)
+    assert stream.views_in_workers
+    with_views = take(stream, 3)
+    for want, got in zip(plain, with_views, strict=True):
+        assert "views" not in want and got["keys"] == want["keys"]
+        assert torch.equal(got["pixel_values"], want["pixel_values"]) and torch.equal(got["input_ids"], want["input_ids"])
+        assert got["views"]["local"].shape == (8, 3, 3, 16, 16) and got["views"]["global"].shape == (8, 1, 3, 32, 32)
+        assert got["views"]["local"].dtype == torch.uint8
+        assert not torch.equal(got["views"]["local"][:, 0], got["views"]["local"][:, 1])  # different crops
+        on_device = _to_device(got, "cpu", stream.normalize)
+        assert torch.equal(on_device["views"]["local"], stream.normalize(got["views"]["local"]))
+    again = take(make_stream(cfg, batch_size=8, tokenizer=tokenizer, normalize=False, views=views), 1)[0]
+    assert torch.equal(again["views"]["local"], with_views[0]["views"]["local"])  # a sample's views follow its seed
+    with pytest.raises(ValueError, match="view 'big'"):
+        make_stream(cfg, tokenizer=tokenizer, views={"big": ViewSpec(1, 64, (0.5, 1.0))})
+
+
 def test_resampled_mode_follows_source_weights_and_never_ends(corpus, tokenizer):
     shards = sorted(str(p) for p in (corpus / "train").glob("*.tar"))
     spec = f"{'::'.join([shards[0], shards[1]])}"

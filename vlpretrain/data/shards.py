@@ -57,6 +57,7 @@ from vlpretrain.data.position import (
     FORMAT, Task, WorkerPlan, advance, check_position, data_spec, distribute)
 from vlpretrain.data.reader import RawSample, SkipCounter, by_reason, expand_sources, iter_shard, merge_counts
 from vlpretrain.data.tokenizer import encode_captions, load_tokenizer
+from vlpretrain.data.views import ViewSpec, collate_views, make_views
 
 RECORD_KEYS_ENV = "VLPRETRAIN_RECORD_DATA_KEYS"
 """Debugging aid: when set (to anything), a training stream also records the keys it delivered, per epoch, in
@@ -158,8 +159,9 @@ class ShardDataset(IterableDataset):
                  context_length: int, batch_size: int, resampled: bool, weights: list[float] | None,
                  shuffle: bool, buffer_size: int, seed: int, rank: int, world_size: int, num_workers: int,
                  random_caption: bool = True, normalize: bool = True, pad_multiple: int = 1,
-                 decode_on_device: bool = False):
+                 decode_on_device: bool = False, views: dict[str, ViewSpec] | None = None):
         self.sources, self.transform, self.tokenizer = sources, transform, tokenizer
+        self.views = dict(views or {})  # extra views made from each training sample's decoded image (data/views.py)
         self.decode_on_device = decode_on_device  # data.decode=device: JPEGs leave as bytes (device_decode)
         self.spares = SPARES if decode_on_device else 0  # next samples each batch carries, to fill bad rows
         self.pad_multiple = pad_multiple
@@ -196,29 +198,34 @@ class ShardDataset(IterableDataset):
         rng = random.Random(f"buffer/{self.seed}/{self.epoch}/{self.rank}/{worker}")
         return ShuffleBuffer(self.buffer_size, rng, plan.slots, plan.draws, plan.draining)
 
-    def _load(self, sample: RawSample, position: int, worker: int) -> tuple[Any, str]:
-        """The image (see :meth:`_image`) and the caption; raises :class:`BadSample`."""
+    def _load(self, sample: RawSample, position: int, worker: int) -> tuple[Any, str, dict]:
+        """The image (see :meth:`_image`), the caption and the extra views; raises :class:`BadSample`."""
         if not self.shuffle:  # evaluation: first caption, fixed transform
-            return self.transform(self.transform.decode(sample.image)), sample.captions[0]
+            return self.transform(self.transform.decode(sample.image)), sample.captions[0], {}
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker, position])
         pick = int(rng.integers(len(sample.captions)))  # drawn either way: the crop seed stays the same
         caption = sample.captions[pick if self.random_caption else 0]
         crop_seed = int(rng.integers(2**62))
-        return self._image(sample.image, crop_seed), caption
+        image, views = self._image(sample.image, crop_seed)
+        return image, caption, views
 
-    def _image(self, data: bytes, crop_seed: int) -> Any:
-        """Decoded, cropped uint8 (3, S, S); with data.decode=device a JPEG stays ``(bytes, plan)``
-        (header checked, crop drawn) for the trainer's device to decode."""
+    def _image(self, data: bytes, crop_seed: int) -> tuple[Any, dict]:
+        """Decoded, cropped uint8 (3, S, S) and its views ({name: uint8 (count, 3, s, s)}, each drawn from its own
+        seed derived from ``crop_seed``: the clean crop is the same with or without them); with data.decode=device
+        a JPEG stays ``(bytes, plan)`` (header checked, crop drawn) for the trainer's device to decode, and no
+        views are made here (the trainer's objectives cut theirs on the device)."""
         if self.decode_on_device:
             plan = plan_jpeg(self.transform, data, crop_seed)
             if plan is not None:
-                return data, plan
-        return self.transform(self.transform.decode(data), seed=crop_seed)
+                return (data, plan), {}
+        img = self.transform.decode(data)
+        views = make_views(img, self.views, crop_seed, self.transform.settings.interpolation) if self.views else {}
+        return self.transform(img, seed=crop_seed), views
 
     def _captions(self, items: list) -> dict[str, torch.Tensor]:
         if not items:  # a batch without spares (the tokenizer refuses an empty list)
             return {"input_ids": torch.zeros((0, 2), dtype=torch.long), "attention_mask": torch.zeros((0, 2), dtype=torch.long)}
-        return encode_captions(self.tokenizer, [c for _, c, _, _ in items], self.context_length, self.pad_multiple)
+        return encode_captions(self.tokenizer, [item[1] for item in items], self.context_length, self.pad_multiple)
 
     def _batch(self, items: list, worker: int, cursor: int, skipped: dict) -> dict[str, Any]:
         """The batch of ``items[:batch_size]``; the rest are spares (data.decode=device only)."""
@@ -226,16 +233,19 @@ class ShardDataset(IterableDataset):
         if self.decode_on_device:  # pixels decoded by the trainer (device_decode.DeviceBatches)
             batch = {"pixel_values": torch.empty((len(own), 0), dtype=torch.uint8), **self._captions(own)}
             spare_text = self._captions(spares)
-            batch["encoded"] = {**pack([image for image, _, _, _ in items], self.transform.settings.size),
+            batch["encoded"] = {**pack([item[0] for item in items], self.transform.settings.size),
                                 "spare_input_ids": spare_text["input_ids"],
                                 "spare_attention_mask": spare_text["attention_mask"],
-                                "spare_keys": [k for _, _, k, _ in spares], "shards": [s for _, _, _, s in items],
+                                "spare_keys": [item[2] for item in spares], "shards": [item[3] for item in items],
                                 "pad_id": self.tokenizer.pad_token_id}
         else:
-            pixels = torch.stack([p for p, _, _, _ in own])  # (B, 3, S, S) uint8
+            pixels = torch.stack([item[0] for item in own])  # (B, 3, S, S) uint8
             batch = {"pixel_values": self.transform.normalize(pixels) if self.normalize_pixels else pixels,
                      **self._captions(own)}
-        batch["keys"] = [k for _, _, k, _ in own]
+            if self.views:  # {name: uint8 (B, count, 3, s, s)}, normalised like pixel_values
+                views = collate_views([item[4] for item in own])
+                batch["views"] = {k: self.transform.normalize(v) for k, v in views.items()} if self.normalize_pixels else views
+        batch["keys"] = [item[2] for item in own]
         batch.update(_worker=worker, _cursor=cursor, _skipped=skipped)
         return batch
 
@@ -259,11 +269,11 @@ class ShardDataset(IterableDataset):
             for position, (_, sample) in enumerate(buffer(raw) if buffer else raw, start=plan.cursor):
                 cursor = position + 1
                 try:
-                    image, caption = self._load(sample, position, worker)
+                    image, caption, views = self._load(sample, position, worker)
                 except BadSample as bad:
                     skips.add(bad.reason, sample.shard)
                     continue
-                items.append((image, caption, sample.key, sample.shard))
+                items.append((image, caption, sample.key, sample.shard, views))
                 if len(items) == self.batch_size:
                     held = (cursor, skips.take(), _snapshot(progress, buffer))
                 if len(items) == self.batch_size + self.spares:  # spares: the next batch's first samples
@@ -304,17 +314,22 @@ class ShardStream:
     Each batch is a dict: ``pixel_values`` (B, 3, S, S) float32 (uint8 with ``normalize=False``: then the
     consumer calls :meth:`normalize`, e.g. on its GPU after the copy), ``input_ids``/``attention_mask``
     (B, T) with T the longest caption in the batch (<= context length), ``keys`` (sample keys) and
-    ``skipped`` ({reason: n} newly skipped since the previous batch). ``skipped_by_shard`` holds the
+    ``skipped`` ({reason: n} newly skipped since the previous batch), and with ``views`` a ``views`` dict
+    ({name: (B, count, 3, s, s)}, uint8 or float like ``pixel_values``). ``skipped_by_shard`` holds the
     running totals ({shard: {reason: n}}).
     """
 
     def __init__(self, cfg: DataConfig, split: str, *, batch_size: int, image_size: int, context_length: int,
                  tokenizer=None, rank: int = 0, world_size: int = 1, seed: int = 0, pin_memory: bool = False,
-                 normalize: bool = True):
+                 normalize: bool = True, views: dict[str, ViewSpec] | None = None):
         """``pin_memory``: the loader hands over batches in page-locked memory (for a CUDA device: their copy
         to it then runs asynchronously instead of staging through the host first). ``normalize=False``: the
         workers hand over uint8 pixels (a quarter of the bytes through shared memory, pinning and the copy
-        to the device, and no float pass per sample in the workers); :meth:`normalize` makes them floats."""
+        to the device, and no float pass per sample in the workers); :meth:`normalize` makes them floats.
+        ``views``: extra views of each training image ({name: ViewSpec}, the objectives' declared views) that
+        the workers cut from the same decoded image into ``batch["views"]`` (:mod:`vlpretrain.data.views`);
+        with data.decode=device the workers decode nothing, so they make none (:attr:`views_in_workers` is
+        False and the objectives cut theirs on the device)."""
         if split not in ("train", "val"):
             raise ValueError(f"split '{split}' is not one of train, val.")
         cfg.validate()
@@ -337,6 +352,10 @@ class ShardStream:
                                  crop_scale=tuple(cfg.crop_scale), crop_ratio=tuple(cfg.crop_ratio),
                                  hflip=cfg.hflip, max_pixels=cfg.max_image_pixels)
         decode_on_device = self.train and cfg.decode == "device"
+        views = dict(views or {}) if self.train else {}
+        for name, view in views.items():
+            view.check(name, image_size)
+        self.views_in_workers = bool(views) and not decode_on_device
         if decode_on_device and normalize:
             raise ValueError("data.decode=device hands the consumer JPEG bytes to decode: build the train stream "
                              "with normalize=False and pass each batch through device_decode.DeviceBatches.")
@@ -347,7 +366,8 @@ class ShardStream:
             weights=cfg.train_weights if self.resampled else None, shuffle=self.train,
             buffer_size=cfg.shuffle_buffer, seed=seed, rank=rank, world_size=world_size,
             num_workers=max(self.num_workers, 1), random_caption=cfg.captions == "random", normalize=normalize,
-            pad_multiple=cfg.pad_multiple, decode_on_device=decode_on_device)
+            pad_multiple=cfg.pad_multiple, decode_on_device=decode_on_device,
+            views=views if self.views_in_workers else None)
         self.timeout, self.worker_priority, self.pin_memory = cfg.timeout, cfg.worker_priority, pin_memory
         self.rank, self.world_size = rank, world_size
         self.spec = data_spec(self.sources, seed=seed, mode=cfg.mode, weights=cfg.train_weights)

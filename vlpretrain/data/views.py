@@ -1,4 +1,4 @@
-"""Extra augmented views of one decoded image, made by the data workers (not wired in yet).
+"""Extra augmented views of one decoded image, made by the data workers.
 
 Objectives declare the views they read, e.g. self-distillation's ``local: 6 x 96 px`` crops
 (:meth:`SelfDistillation.views`): a :class:`ViewSpec` per name. A worker that has decoded a sample's
@@ -9,9 +9,10 @@ view's name, never from the stream the clean crop uses, so the image-text losses
 with or without views, and a sample's views depend only on its place in the stream (exact resume).
 
 Views are uint8 like the clean view and normalised on the trainer's device with the same
-:meth:`ImageTransform.normalize`. Wiring (next step): ``ShardDataset._load`` calls ``make_views`` after
-the clean transform, ``_batch`` adds ``collate_views(...)`` under ``batch["views"]``, and the trainer's
-``_to_device`` moves and normalises ``batch["views"][name]``.
+:meth:`ImageTransform.normalize`. Wiring: the trainer passes the objectives' views to
+``ShardStream(views=...)``; ``ShardDataset._image`` calls ``make_views`` on the image it decoded for the
+clean view, ``_batch`` adds ``collate_views(...)`` under ``batch["views"]``, and the trainer's
+``_to_device`` moves and normalises ``batch["views"][name]`` (data/README.md "Extra views").
 """
 
 from __future__ import annotations

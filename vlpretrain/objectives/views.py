@@ -1,9 +1,10 @@
 """Extra augmented views of a batch's images, made on the device (random resized crops).
 
-The self-distillation student reads local crops of each image. Until the data pipeline produces
-views (the issue's "views from the data pipeline"), they are cut here from the batch's clean
-``pixel_values`` on the device: one affine grid per crop, bilinear resampling, the crops' areas
-and aspect ratios drawn as torchvision's RandomResizedCrop draws them (log-uniform ratio). The
+The self-distillation student reads local crops of each image. The data workers make them
+(:mod:`vlpretrain.data.views`) except with ``data.decode=device`` (the workers decode no pixels) or for
+a batch without ``views``; then they are cut here from the batch's clean ``pixel_values`` on the
+device: one affine grid per crop, bilinear resampling, the crops' areas and aspect ratios drawn as
+torchvision's RandomResizedCrop draws them (log-uniform ratio). The
 random numbers come from torch's generator on the images' device, so accumulation's RNG replay and
 a resume's restored RNG state reproduce them.
 """

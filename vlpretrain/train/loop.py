@@ -139,8 +139,12 @@ def _to_device(batch: dict, device, normalize=None, compiled: bool = False) -> d
     variant, and accumulation's three variants exceed dynamo's limit of 8 graphs, after which it runs eager)."""
     keys = ("pixel_values", "input_ids", "attention_mask")
     out = {k: batch[k].to(device, non_blocking=True) for k in keys if batch.get(k) is not None}
+    if batch.get("views"):  # the objectives' extra views, {name: (B, count, 3, s, s)}
+        out["views"] = {k: v.to(device, non_blocking=True) for k, v in batch["views"].items()}
     if normalize is not None and "pixel_values" in out:
         out["pixel_values"] = normalize(out["pixel_values"])
+    if normalize is not None and "views" in out:
+        out["views"] = {k: normalize(v) for k, v in out["views"].items()}
     if compiled:
         for key in ("input_ids", "attention_mask"):
             if key in out:
@@ -231,14 +235,18 @@ class Trainer:
         tokenizer = run_tokenizer(cfg, resume, pretrained, accelerator.print)  # the model's own on resume/init_from
         self.model = self._build_model(pretrained, tokenizer)
         del pretrained  # its weights are copied: no second model held through the run
+        self._build_objectives(tokenizer)
+        views = self.objectives.views()  # the objectives' extra views, cut by the data workers
         self.stream = ShardStream(cfg.data, "train", batch_size=self.micro, image_size=cfg.model.image_size,
                                   context_length=cfg.model.max_text_len, tokenizer=tokenizer, rank=self.rank,
                                   world_size=self.world, seed=cfg.run.seed,
                                   pin_memory=accelerator.device.type == "cuda",
-                                  normalize=False)  # uint8 to the device, normalised there (_to_device)
+                                  normalize=False, views=views)  # uint8 to the device, normalised there (_to_device)
+        if views and not self.stream.views_in_workers:
+            accelerator.print(f"data.decode=device: the workers decode no images, so the views {sorted(views)} are "
+                              f"cut on the device from each batch's clean view (objectives/views.py).")
         if resume is not None:
             check_data_position(resume, self.stream)
-        self._build_objectives(tokenizer)
 
     def _build_model(self, pretrained, tokenizer) -> VLModel:
         """The run's model, seeded: ``train.init_from``'s (``pretrained``), a timm ViT's image path, or fresh."""
