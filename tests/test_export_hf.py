@@ -102,6 +102,35 @@ def test_pickled_weights_are_refused_not_run(trained_run, tmp_path):
         load_source(folder)
 
 
+def test_teacher_only_weights_are_refused_by_export_and_eval_naming_the_fix(trained_run, tmp_path, capsys):
+    """A checkpoint or model folder whose weights are the EMA teacher's ``teacher.*`` keys alone (no student) is
+    refused by ``load_source``, ``vlpretrain export`` and ``vlpretrain eval`` with the fix, and nothing is written."""
+    from safetensors.torch import load_file, save_file
+
+    ckpt = tmp_path / "run" / "checkpoints" / "step_6"
+    shutil.copytree(trained_run / "checkpoints" / "step_6", ckpt)
+    shutil.copytree(trained_run / "processor", tmp_path / "run" / "processor")  # the checkpoint points to it
+    weights = load_file(str(ckpt / "model.safetensors"))
+    teacher = {"teacher.backbone." + k[len("model.backbone."):]: v for k, v in weights.items()
+               if k.startswith("model.backbone.")}
+    save_file(teacher, str(ckpt / "model.safetensors"))
+    manifest = json.loads((ckpt / "manifest.json").read_text())  # the file was rewritten on purpose
+    manifest["files"]["model.safetensors"] = (ckpt / "model.safetensors").stat().st_size
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    folder = tmp_path / "model"
+    shutil.copytree(trained_run / "model", folder)
+    save_file(teacher, str(folder / "model.safetensors"))
+    for source in (ckpt, folder):
+        with pytest.raises(ValueError, match=r"only the EMA teacher .*Pass the run's checkpoints/step_N folder"):
+            load_source(source)
+        out = tmp_path / f"out-{source.name}"
+        assert main(["export", str(source), "--out", str(out)]) == 2
+        assert "only the EMA teacher" in capsys.readouterr().err and not out.exists()
+        assert main(["eval", "--model", str(source), "--data", str(tmp_path / "unused")]) == 2
+        assert "only the EMA teacher" in capsys.readouterr().err
+    assert load_source(trained_run / "checkpoints" / "step_6").model is not None  # the student's weights still load
+
+
 def test_push_to_hub_uploads_the_exported_folder(trained_run, tmp_path, monkeypatch):
     import huggingface_hub
 

@@ -5,8 +5,10 @@ VLModel, ``objectives.<name>.*`` for objective parameters such as the contrastiv
 under FSDP a ``sharded/`` torch.distributed.checkpoint folder with the same keys (consolidated here,
 in one process, without a process group or GPU), ``config.yaml`` (the resolved experiment),
 ``trainer_state.json`` and ``manifest.json`` (its files, checked before anything is read, and the run's
-processor folder: the tokenizer it was trained with, never ``data.tokenizer``). Every weight is loaded
-strictly, from either source. A model folder is what
+processor folder: the tokenizer it was trained with, never ``data.tokenizer``). A run with an EMA
+teacher also saves ``teacher.*`` keys; an export and an evaluation take the student (``model.*``)
+alone, and refuse weights that hold the teacher but no student (:func:`refuse_teacher_only`). Every
+weight is loaded strictly, from either source. A model folder is what
 ``VLModel.save_pretrained`` + ``VLProcessor.save_pretrained`` write (the trainer's ``run.dir/model``
 or an ``hf`` export). Nothing here unpickles: weights come from safetensors, or from a ``.bin`` file
 through ``torch.load(weights_only=True)``, which refuses anything but tensors and plain containers.
@@ -77,6 +79,21 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
                                "folder or an exported model folder.")
 
 
+TEACHER_PREFIX = "teacher."  # the EMA teacher's keys in a checkpoint (vlpretrain.objectives.teacher)
+
+
+def refuse_teacher_only(weights: dict[str, torch.Tensor], where: str, student_prefix: str = "") -> None:
+    """A ValueError when ``weights`` hold the EMA teacher's ``teacher.*`` keys but no student weights (keys
+    under ``student_prefix`` other than the teacher's): exports and evaluation carry the student only."""
+    teacher = [k for k in weights if k.startswith(TEACHER_PREFIX)]
+    student = [k for k in weights if k.startswith(student_prefix) and not k.startswith(TEACHER_PREFIX)]
+    if teacher and not student:
+        raise ValueError(f"{where} holds only the EMA teacher ({len(teacher)} '{TEACHER_PREFIX}*' weights, e.g. "
+                         f"'{teacher[0]}') and no student model; exports and evaluation take the student only. "
+                         f"Pass the run's checkpoints/step_N folder as the trainer saved it (its 'model.*' weights "
+                         f"are the student) or the run's exported model folder.")
+
+
 def is_checkpoint(path: Path) -> bool:
     return (path / "config.yaml").is_file() or (path / "trainer_state.json").is_file()
 
@@ -106,6 +123,7 @@ def _from_checkpoint(path: Path) -> LoadedModel:
     cfg: ExperimentConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ExperimentConfig),
                                                                 OmegaConf.load(path / "config.yaml")))
     weights = read_weights(path)
+    refuse_teacher_only(weights, f"checkpoint '{path}'", student_prefix="model.")
     model = VLModel(VLConfig.from_model_config(cfg.model))
     prefix = "model."
     state = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
@@ -148,7 +166,8 @@ def _from_model_folder(path: Path) -> LoadedModel:
         if not any((path / name).is_file() for name in names):
             raise IncompleteCheckpoint(f"'{path}' is neither a checkpoint (no config.yaml / trainer_state.json) nor "
                                        f"a complete model folder (no {names[0]}).")
-    read_weights(path)  # a clear error before transformers reports a missing file its own way
+    # a clear error before transformers reports a missing file or the teacher's keys its own way
+    refuse_teacher_only(read_weights(path), f"model folder '{path}'")
     model = VLModel.from_pretrained(str(path))  # strict: a missing or unexpected weight is an error
     info = TrainingInfo(**getattr(model.config, TRAINING_INFO_KEY, None) or {})
     return LoadedModel(model, VLProcessor.from_pretrained(path), info)
