@@ -292,15 +292,56 @@ def test_sharded_step_autocasts_like_unsharded_and_skips_non_finite_updates(one_
                if p.grad is not None and p.grad.full_tensor().abs().max() > 0)
 
 
+def test_the_teachers_backbone_blocks_and_heads_are_fsdp_units_and_it_runs_as_unsharded(one_process_group):
+    """The EMA teacher's blocks (Blocks, like the student's), its backbone and its heads are FSDP2 units of their
+    own; at its start it equals the student and the sharded set gives the unsharded losses and gradients."""
+    import copy
+
+    from torch.distributed.fsdp import FSDPModule
+
+    from tests.helpers import make_model
+    from tests.objectives_support import random_batch
+    from vlpretrain.objectives import build_objective_set
+    from vlpretrain.train.sharding import FsdpSettings, shard
+
+    entries = [{"name": "contrastive", "loss": "siglip"},
+               {"name": "self_distillation", "start": 1, "local_crops": 2, "local_size": 16, "prototypes": 32,
+                "head_hidden": 16, "head_bottleneck": 8},
+               {"name": "masked_prediction", "start": 1, "head_hidden": 16}]
+    plain = build_objective_set(make_model(text_embed_depth=1), entries, total_steps=3)
+    sharded = shard(copy.deepcopy(plain), torch.device("cpu"), FsdpSettings())
+    teacher = sharded.teacher
+    units = [teacher.backbone, *teacher.backbone.blocks, teacher.heads["self_distillation"]["head"]]
+    assert all(isinstance(m, FSDPModule) for m in units) and not isinstance(teacher, FSDPModule)
+    batch = random_batch(batch=4)
+    out = {}
+    for name, module in (("plain", plain), ("sharded", sharded)):
+        module.set_step(1)  # the teacher starts: a copy of the student
+        torch.manual_seed(0)  # the same local crops and masks
+        result = module(batch)
+        result.loss.backward()
+        out[name] = result
+    assert set(out["sharded"].losses) == {"contrastive", "self_distillation", "masked_prediction"}
+    for key, value in out["plain"].losses.items():
+        assert torch.allclose(out["sharded"].losses[key], value, atol=1e-6), key
+    student = dict(sharded.model.backbone.named_parameters())
+    assert all(torch.equal(p.full_tensor(), student[n].full_tensor()) for n, p in teacher.backbone.named_parameters())
+    grads = {n: p.grad.full_tensor() for n, p in sharded.named_parameters() if p.grad is not None}
+    worst = max((grads[n] - p.grad).abs().max().item() for n, p in plain.named_parameters() if p.grad is not None)
+    assert worst < 1e-6, worst
+
+
 def test_sharded_checkpoint_keys_are_checked_strictly_and_consolidate_without_a_process_group(tmp_path):
     import torch.distributed.checkpoint as dcp
 
     from tests.helpers import make_model
     from vlpretrain.models.weights import WeightMismatch
     from vlpretrain.objectives import build_objective_set
+    from vlpretrain.train.integrity import check_saved_weights
     from vlpretrain.train.sharding import SHARDED_DIR, check_sharded_weights, read_sharded_weights
 
-    objectives = build_objective_set(make_model(), [{"name": "contrastive", "loss": "siglip"}])
+    objectives = build_objective_set(make_model(), [{"name": "contrastive", "loss": "siglip"},
+                                                    {"name": "masked_prediction", "head_hidden": 16}], total_steps=4)
     state = {k: v.detach().clone() for k, v in objectives.state_dict().items()}
     dcp.save({**state, "optimizer": {"state": {}, "param_groups": []}}, checkpoint_id=str(tmp_path / SHARDED_DIR),
              no_dist=True)
@@ -308,6 +349,7 @@ def test_sharded_checkpoint_keys_are_checked_strictly_and_consolidate_without_a_
     assert weights.keys() == state.keys() and all(torch.equal(weights[k], v) for k, v in state.items())
     expected = {k: tuple(v.shape) for k, v in state.items()}
     check_sharded_weights(tmp_path, expected, "here")  # the same keys: no error
+    check_saved_weights(tmp_path, objectives)  # the resume check counts the EMA teacher's teacher.* keys as weights
     planted = {("model.renamed" if k == "model.backbone.norm.weight" else k): s for k, s in expected.items()}
     planted["objectives.contrastive.logit_scale"] = ()
     with pytest.raises(WeightMismatch, match=r"missing model.renamed; unexpected model.backbone.norm.weight; "

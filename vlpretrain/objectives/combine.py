@@ -141,6 +141,11 @@ class ObjectiveSet(nn.Module):
         """Whether the EMA teacher has started (it runs and is updated from its start step on)."""
         return self._teacher_on
 
+    def shard_units(self) -> list[nn.Module]:
+        """Modules FSDP2 shards as units of their own besides its class-named ones (vlpretrain.train.sharding):
+        the EMA teacher's (:meth:`EMATeacher.shard_units`)."""
+        return self.teacher.shard_units() if self.teacher is not None else []
+
     def _student_heads(self) -> dict[str, nn.Module]:
         """The objectives' modules the teacher mirrors, one ModuleDict per teacher-needing objective."""
         return {k: nn.ModuleDict(o.teacher_modules()) for k, o in self.objectives.items() if o.needs_teacher}

@@ -91,6 +91,12 @@ class EMATeacher(nn.Module):
     def train(self, mode: bool = True) -> EMATeacher:
         return super().train(False)  # always eval: no patch dropout, the whole view
 
+    def shard_units(self) -> list[nn.Module]:
+        """The modules the trainer calls directly (the backbone, each mirrored head): under FSDP2 each is a
+        unit of its own (its blocks inside it too), so the teacher's weights are gathered only while it runs,
+        never with the root's before its start."""
+        return [self.backbone, *(m for mirrored in self.heads.values() for m in mirrored.values())]
+
     def momentum(self, k: int) -> float:
         if self.total_steps is None:
             raise ValueError("the EMA teacher's momentum schedule needs the run's length; build the ObjectiveSet "

@@ -30,6 +30,7 @@ import torch
 from vlpretrain.config import ConfigError
 from vlpretrain.data.processor import VLProcessor
 from vlpretrain.data.tokenizer import load_tokenizer
+from vlpretrain.train.sharding import OPTIMIZER_KEY
 from vlpretrain.train.checkpoint import (
     CONFIG_FILE, MANIFEST, RUN_PROCESSOR, IncompleteCheckpoint, check_compatible, check_manifest,
     checkpoint_processor, complete_checkpoints, write_manifest)
@@ -108,13 +109,13 @@ def _check_objective_set(resume: Path, cfg, objectives: torch.nn.Module) -> None
         raise ConfigError(f"cannot resume from {resume}: the objectives' parameters differ ({'; '.join(diffs)}). {fix}")
 
 
-WEIGHT_PREFIXES = ("model.", "objectives.")  # the ObjectiveSet's keys; a sharded checkpoint's other keys are optimiser state
 
 
 def saved_weight_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every weight checkpoint ``folder`` holds, read from file headers, no tensor loaded:
     ``model.safetensors`` (Accelerate's save) or the ``.metadata`` of a ``torch.distributed.checkpoint``
-    folder (its ``model.*`` / ``objectives.*`` keys, full unsharded shapes). Empty when it holds neither."""
+    folder (every key but the optimiser state's: ``model.*``, ``objectives.*`` and the EMA teacher's ``teacher.*``,
+    full unsharded shapes). Empty when it holds neither."""
     if (folder / "model.safetensors").is_file():
         from safetensors import safe_open
 
@@ -125,7 +126,7 @@ def saved_weight_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
         from torch.distributed.checkpoint import FileSystemReader
 
         for key, meta in FileSystemReader(str(metadata.parent)).read_metadata().state_dict_metadata.items():
-            if key.startswith(WEIGHT_PREFIXES) and hasattr(meta, "size"):
+            if not key.startswith(f"{OPTIMIZER_KEY}.") and hasattr(meta, "size"):
                 shapes[key] = tuple(meta.size)
     return shapes
 

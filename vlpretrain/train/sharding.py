@@ -15,8 +15,11 @@ Many processes: FSDP2
   plain MULTI_GPU / MULTI_CPU one, used for the process group, autocast, reductions and gradient-norm
   clipping) and shards here: :func:`shard` calls ``fully_shard`` on every module whose class is named in
   ``fsdp_transformer_layer_cls_to_wrap`` (default ``Block``: the backbone's blocks, and the MAE
-  decoder's timm blocks), then on the root (the ObjectiveSet: embeddings, heads, objective parameters
-  such as the 1-element logit scale), over ``init_device_mesh(device.type, (world,))`` (gloo on CPU,
+  decoder's timm blocks; the EMA teacher's backbone is a copy of the student's, so its blocks too), then
+  on the modules the ObjectiveSet names (``shard_units()``: the teacher's backbone and heads, so that
+  the teacher's remaining weights are gathered only while it runs, not with the root's from step 0),
+  then on the root (the ObjectiveSet: embeddings, heads, objective parameters such as the 1-element
+  logit scale), over ``init_device_mesh(device.type, (world,))`` (gloo on CPU,
   NCCL on GPU). The model is not passed to ``accelerator.prepare``; the optimiser (built on the
   sharded DTensor parameters) and scheduler are.
 - On a CPU ``accelerate launch`` needs ``ACCELERATE_USE_CPU=true`` to start a process group at all
@@ -137,6 +140,8 @@ def shard(module: nn.Module, device: torch.device, settings: FsdpSettings) -> nn
     mesh = init_device_mesh(device.type, (world,))  # explicit: the default mesh takes the accelerator's type
     module.to(device)
     units = [m for m in module.modules() if m is not module and type(m).__name__ in settings.wrap]
+    if settings.wrap:  # the module's own units (the EMA teacher's backbone and heads), after the blocks inside them
+        units += [m for m in getattr(module, "shard_units", list)() if m not in units]
     for unit in units:
         fully_shard(unit, mesh=mesh, reshard_after_forward=settings.reshard_after_forward)
     fully_shard(module, mesh=mesh, reshard_after_forward=settings.reshard_after_forward)
