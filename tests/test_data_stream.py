@@ -233,6 +233,9 @@ def test_worker_views_leave_the_clean_batch_as_it_was_and_reach_the_device_norma
     assert torch.equal(again["views"]["local"], with_views[0]["views"]["local"])  # a sample's views follow its seed
     with pytest.raises(ValueError, match="view 'big'"):
         make_stream(cfg, tokenizer=tokenizer, views={"big": ViewSpec(1, 64, (0.5, 1.0))})
+    device = make_stream(data_config(corpus, num_workers=0, decode="device"), tokenizer=tokenizer, normalize=False,
+                         views=views)  # the workers decode nothing: no views from them (the trainer says so)
+    assert not device.views_in_workers and "views" not in take(device, 1)[0]
 
 
 def test_resampled_mode_follows_source_weights_and_never_ends(corpus, tokenizer):
