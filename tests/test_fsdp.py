@@ -245,6 +245,35 @@ def test_fsdp_resume_on_the_same_processes_continues_the_run_exactly(runs, tmp_p
     assert worst <= 1e-6, where
 
 
+@pytest.mark.slow
+def test_siglip2_recipe_under_fsdp_starts_its_teacher_objectives_and_resumes_after_the_start(synth_root, tmp_path):
+    """configs/siglip2-base-debug.yaml on 2 FSDP processes: self-distillation (local crops from the data
+    workers) and masked prediction start at 80%; a checkpoint saved after the start resumes exactly (the
+    teacher's weights included)."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.merge(OmegaConf.load(ROOT / "configs" / "siglip2-base-debug.yaml"), OmegaConf.from_dotlist([
+        f"run.dir={tmp_path / 'run'}", f"data.train={synth_root}/train", "data.val=null",
+        f"data.tokenizer={synth_root}/tokenizer", "data.num_workers=1", "data.shuffle_buffer=16",
+        "train.batch_size=16", "train.steps=6", "train.log_every=1", "train.ckpt_every=5", "train.export=false"]))
+    OmegaConf.save(cfg, tmp_path / "run.yaml")
+    finish(launch(tmp_path / "run.yaml", "fsdp"))
+    unbroken = records(tmp_path / "run")
+    assert summary(tmp_path / "run")["world_size"] == 2
+    started = [r["step"] for r in unbroken if "loss/self_distillation" in r and "loss/masked_prediction" in r]
+    assert started == [5, 6], [sorted(r) for r in unbroken]
+    saved, resume_cfg = resume_elsewhere(tmp_path / "run", 5, tmp_path)
+    finish(launch(resume_cfg, "fsdp", "--resume", str(saved)))
+    resumed = records(tmp_path / "resumed")
+    assert [r["step"] for r in resumed] == [6]
+    for key in ("loss", "loss/self_distillation", "loss/masked_prediction"):
+        assert resumed[0][key] == unbroken[-1][key], key
+    a, b = consolidated(tmp_path / "run"), consolidated(tmp_path / "resumed")
+    assert any(k.startswith("teacher.") for k in a)
+    worst, where = max_diff(a, b)
+    assert worst <= 1e-6, where
+
+
 @pytest.fixture
 def one_process_group(tmp_path):
     """A gloo process group of this one process: FSDP2 over a mesh of 1 (DTensor parameters) in-process."""
