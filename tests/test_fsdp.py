@@ -1,7 +1,8 @@
 """FSDP2 under the trainer, in real processes: ``vlpretrain train --accelerate-config
 configs/accelerate/fsdp-cpu-2.yaml`` (2 CPU processes over gloo) against one process and against DDP,
 its sharded checkpoint exported to a hub folder that transformers loads without vlpretrain and
-resumed by one plain process, and a one-process checkpoint resumed under FSDP by two.
+resumed by one plain process, and a one-process checkpoint resumed under FSDP by two; the SigLIP 2 debug
+recipe (EMA teacher) starting its teacher objectives and resuming after their start.
 
 Random draws: each rank seeds its own generator (``run.seed + rank``), so a 2-process run draws other
 MAE masks than one process does for the same batch. Objectives without draws (contrastive CLIP and
