@@ -59,6 +59,24 @@ else:
     sys.exit("vlpretrain is importable here: the test would prove nothing")
 '''
 
+def run_without_vlpretrain(script: str, folder, *args: str) -> dict:
+    """Run ``script`` (starting with HIDE_VLPRETRAIN) in an isolated Python in ``folder`` with ``args``; the
+    JSON it prints after ``RESULT ``."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_MODULES_CACHE"] = str(folder / "modules")
+    path = folder / "elsewhere.py"
+    path.write_text(script)
+    proc = subprocess.run([sys.executable, "-I", str(path), *args], cwd=folder, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.split("RESULT ", 1)[1])
+
+
 PROBE_TEXTS = ["a small red circle", "two blue squares at the top"]
 
 

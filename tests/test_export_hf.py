@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.helpers import HIDE_VLPRETRAIN, embedding_diff
+from tests.helpers import HIDE_VLPRETRAIN, embedding_diff, run_without_vlpretrain
 from vlpretrain.cli import main
 from vlpretrain.export.source import IncompleteCheckpoint, load_source
 
@@ -59,14 +56,7 @@ def test_hf_folder_has_config_weights_tokenizer_processor_code_and_card(hf_expor
 
 
 def test_fresh_process_without_vlpretrain_loads_it_with_the_same_embeddings(hf_export, trained_run, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
-    script = tmp_path / "load_elsewhere.py"
-    script.write_text(FRESH_PROCESS)
-    proc = subprocess.run([sys.executable, "-I", str(script), str(hf_export)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    theirs = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    theirs = run_without_vlpretrain(FRESH_PROCESS, tmp_path, str(hf_export))
     assert theirs["model_module"].startswith("transformers_modules.")
     diff = embedding_diff(load_source(trained_run / "checkpoints" / "step_6"), theirs)
     print(f"hf export embedding max abs diff: {diff:.2e}")

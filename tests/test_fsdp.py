@@ -24,7 +24,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import embedding_diff, train_overrides
+from tests.helpers import embedding_diff, run_without_vlpretrain, train_overrides
 from tests.test_export_hf import FRESH_PROCESS
 from tests.test_train_processes import ENV, ROOT, finish, make_interleaved_shards, start, write_config
 from vlpretrain.train.checkpoint import complete_checkpoints
@@ -150,14 +150,7 @@ def test_fsdp_checkpoint_exports_to_a_hub_folder_transformers_loads_without_vlpr
     step = complete_checkpoints(runs["a_fsdp"])[-1][1]
     out = tmp_path / "hub"
     assert main(["export", str(step), "--out", str(out)]) == 0
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
-    script = tmp_path / "load_elsewhere.py"
-    script.write_text(FRESH_PROCESS)
-    proc = subprocess.run([sys.executable, "-I", str(script), str(out)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    theirs = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    theirs = run_without_vlpretrain(FRESH_PROCESS, tmp_path, str(out))
     # the trained model: the consolidated shards, strictly loaded into a VLModel
     assert json.loads((out / "config.json").read_text())["vlpretrain_training"]["logit_scale"] == pytest.approx(
         float(consolidated(runs["a_fsdp"])["objectives.contrastive.logit_scale"].reshape(())))

@@ -5,9 +5,6 @@ the export runs in transformers' pipelines with no vlpretrain, and a missing att
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import httpx
 import numpy as np
@@ -15,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.helpers import HIDE_VLPRETRAIN
+from tests.helpers import HIDE_VLPRETRAIN, run_without_vlpretrain
 
 from vlpretrain import VLModel, VLProcessor
 from vlpretrain.cli import main
@@ -73,14 +70,7 @@ def no_vlpretrain(model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hf_conventions")
     export = tmp / "export"
     assert main(["export", str(model_dir), "--out", str(export)]) == 0
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["HF_MODULES_CACHE"] = str(tmp / "modules")
-    script = tmp / "elsewhere.py"
-    script.write_text(NO_VLPRETRAIN)
-    proc = subprocess.run([sys.executable, "-I", str(script), str(export), json.dumps(TEXTS)], cwd=tmp, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.split("RESULT ", 1)[1])
+    return run_without_vlpretrain(NO_VLPRETRAIN, tmp, str(export), json.dumps(TEXTS))
 
 
 def test_processor_takes_transformers_arguments_and_array_tensor_pil_images_with_todays_pixels(loaded, tmp_path):
