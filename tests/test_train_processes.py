@@ -25,8 +25,8 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TOKENIZER
        "HF_HOME": tempfile.mkdtemp(prefix="hf-home-")}  # no user accelerate config: `vlpretrain train` runs in-process
 
 
-def write_config(path: Path, overrides: list[str]) -> Path:
-    path.write_text(to_yaml(load_config(None, overrides)))
+def write_config(path: Path, overrides: list[str], base: Path | None = None) -> Path:
+    path.write_text(to_yaml(load_config(base, overrides)))
     return path
 
 
@@ -84,6 +84,52 @@ def test_kill_9_then_resume_auto_reproduces_the_unbroken_run(synth_root, tmp_pat
     print(f"killed at step {kill_at}; resumed vs unbroken final weights: max abs difference {worst}")
     assert worst <= 1e-6, f"resumed run differs by {worst}"
     assert logged_steps(broken_dir) == list(range(1, 11))  # steps redone after the kill are logged once
+
+
+@pytest.mark.slow
+def test_kill_9_after_the_teacher_started_resumes_bit_exact_with_the_teacher(synth_root, tmp_path):
+    # the siglip2 debug recipe with its delayed objectives starting at step 4 of 12: the step-6 checkpoint holds
+    # the EMA teacher (initialised at 4, updated since), the self-distillation centre and the new objectives'
+    # optimiser groups; killed after step 7, the run resumes from it to the unbroken run's weights
+    start_step, kill_at = 4, 7
+    common = [o for o in train_overrides(synth_root, tmp_path, "train.steps=12", "train.ckpt_every=3",
+                                         "data.num_workers=2", "data.val=null", "train.export=false")
+              if not o.startswith(("objectives=", "run.dir="))]
+    common += [f"objectives.2.start={start_step}", f"objectives.3.start={start_step}"]  # self_distillation, masked_prediction
+    recipe = ROOT / "configs" / "siglip2-base-debug.yaml"
+    unbroken_dir, broken_dir = tmp_path / "unbroken", tmp_path / "broken"
+    unbroken = start(write_config(tmp_path / "a.yaml", [f"run.dir={unbroken_dir}", *common], recipe))
+    broken_cfg = write_config(tmp_path / "b.yaml", [f"run.dir={broken_dir}", *common], recipe)
+    proc = start(broken_cfg)
+    wait_for_step(proc, broken_dir, kill_at)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    resumed_from = complete_checkpoints(broken_dir)[-1][0]
+    assert start_step < resumed_from < 12  # the teacher is in the checkpoint the run resumes from
+    finish(unbroken)
+    finish(start(broken_cfg, "--resume", "auto"))
+    a, b = final_weights(unbroken_dir), final_weights(broken_dir)
+    assert a.keys() == b.keys()
+    teacher = [k for k in a if k.startswith("teacher.")]
+    assert teacher and "objectives.self_distillation.center" in a
+    diffs = {k: (a[k] - b[k]).abs().max().item() for k in a}
+    worst = max(diffs.values())
+    print(f"resumed from step {resumed_from}; final weights ({len(a)} tensors, {len(teacher)} teacher): max abs "
+          f"difference {worst}, teacher {max(diffs[k] for k in teacher)}, "
+          f"centre {diffs['objectives.self_distillation.center']}")
+    assert worst == 0.0, f"resumed run differs: {sorted(k for k, d in diffs.items() if d)[:5]}"
+    # the teacher moved after its start (a teacher equal to the student would prove nothing about its restore)
+    assert max((a[k] - a["model." + k.removeprefix("teacher.")]).abs().max().item()
+               for k in teacher if k.startswith("teacher.backbone.")) > 0
+
+    def losses(run_dir):
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: {k: v for k, v in r.items() if k == "loss" or k.startswith("loss/")}
+                for r in records if "loss" in r}
+
+    assert losses(broken_dir) == losses(unbroken_dir)
+    assert "loss/self_distillation" in losses(unbroken_dir)[12]
 
 
 @pytest.mark.slow
