@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tests.helpers import make_model, make_text
+from vlpretrain.objectives import build_objective_set
 from vlpretrain.train.flops import FlopCounter, flop_rates, gpu_peak_flops, measured_cpu_peak
 
 
@@ -38,6 +39,36 @@ def test_counted_flops_match_the_architecture_and_skip_recompute_and_no_grad():
     counter.remove()
     model(pixel_values=px, input_ids=ids, attention_mask=mask)
     assert counter.forward_flops == 0
+
+
+def test_the_teacher_forward_counts_once_from_its_start():
+    # the EMA teacher runs under no_grad (no graph, no backward): a counter naming it forward_only adds its
+    # forward FLOPs once; before, they were missed and MFU dropped when the teacher started
+    from torch.utils.flop_counter import FlopCounterMode
+
+    entries = [{"name": "contrastive"}, {"name": "masked_prediction", "head_hidden": 32, "start": 1}]
+    objectives = build_objective_set(make_model("debug", text_embed_depth=1), entries, total_steps=4)
+    with_teacher = FlopCounter(objectives, forward_only=[objectives.teacher])
+    graph_only = FlopCounter(objectives)  # the graph-building forwards x 3 alone
+    ids, mask = make_text(4, 9)
+    batch = {"pixel_values": torch.randn(4, 3, 32, 32), "input_ids": ids, "attention_mask": mask}
+    objectives(batch).loss.backward()  # step 0: the teacher has not started
+    before = graph_only.take_flops()
+    assert with_teacher.take_flops() == before > 0
+    objectives.set_step(1)
+    objectives(batch).loss.backward()
+    without, got = graph_only.take_flops(), with_teacher.take_flops()
+    # torch's own count of the teacher's forward, with eager attention (its counter misses the CPU SDPA kernel)
+    objectives.teacher.backbone.set_attn_backend("eager")
+    with torch.no_grad(), FlopCounterMode(display=False) as teacher_alone:
+        objectives.teacher.backbone(pixel_values=batch["pixel_values"], layout="image")
+    teacher = teacher_alone.get_total_flops()
+    print(f"per sample: step 0 {before / 4:.4g}, step 1 without the teacher {without / 4:.4g}, with it "
+          f"{got / 4:.4g}; the teacher's forward {teacher / 4:.4g} (FlopCounterMode)")
+    assert without > before and teacher > 0
+    assert got == without + teacher
+    with_teacher.remove()
+    graph_only.remove()
 
 
 def test_cpu_peak_is_measured_without_touching_the_global_rng():

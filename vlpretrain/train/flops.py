@@ -6,12 +6,17 @@ the call from its real input shape (so dynamic text padding, MAE's visible-patch
 dropout and every objective's extra forwards are counted as they ran). Only forwards that build a
 graph count, and never the recompute inside ``backward`` (activation checkpointing): model FLOPs,
 not hardware FLOPs. A step's FLOPs are 3x its forward FLOPs (backward ~ 2x forward).
+
+Modules that run forward only, without a graph and without a backward (the EMA teacher of
+:mod:`vlpretrain.objectives.teacher`, under ``no_grad``), are named by ``forward_only``: their calls
+count once (1x, no backward), so MFU does not drop when the teacher starts.
 """
 
 from __future__ import annotations
 
 import re
 import time
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -60,21 +65,26 @@ def _call_flops(module: nn.Module, args: tuple, output: torch.Tensor) -> float:
 
 
 class FlopCounter:
-    """Accumulates forward FLOPs of graph-building calls of the hooked module tree.
+    """Accumulates forward FLOPs of graph-building calls of the hooked module tree, and of every call of
+    the ``forward_only`` subtrees (e.g. the EMA teacher; None entries are skipped), apart.
 
-    Eager calls add to a Python float. Inside torch.compile the hooks are traced into the graph, where a
+    Eager calls add to Python floats. Inside torch.compile the hooks are traced into the graph, where a
     Python number would be pinned to one value (a graph per text length); there they add to a float64
     tensor on the module's device instead, read on the host by :meth:`take_flops` only (so call it where
     the host reads anyway, e.g. at log steps)."""
 
-    def __init__(self, module: nn.Module):
-        self.forward_flops = 0.0
+    def __init__(self, module: nn.Module, forward_only: Iterable[nn.Module | None] = ()):
+        self.forward_flops = 0.0  # graph-building forwards: a backward follows
+        self.forward_only_flops = 0.0  # forward_only subtrees: no backward
         device = next(module.parameters(), torch.empty(0)).device
-        self._compiled_forward_flops = torch.zeros((), dtype=torch.float64, device=device)
+        self._compiled_forward_flops = torch.zeros((), dtype=torch.float64, device=device)  # the two, under compile
+        self._compiled_forward_only_flops = torch.zeros((), dtype=torch.float64, device=device)
+        alone = {id(sub) for m in forward_only if m is not None for sub in m.modules()}
         self._handles = []
         for sub in module.modules():
             if isinstance(sub, (nn.Linear, nn.Conv2d, Attention, Mlp)):
-                self._handles.append(sub.register_forward_hook(self._hook))
+                hook = self._forward_only_hook if id(sub) in alone else self._hook
+                self._handles.append(sub.register_forward_hook(hook))
 
     def _hook(self, module, args, output) -> None:
         compiling = torch.compiler.is_compiling()
@@ -87,11 +97,21 @@ class FlopCounter:
         else:
             self.forward_flops += flops
 
+    def _forward_only_hook(self, module, args, output) -> None:
+        flops = _call_flops(module, args, output)
+        if torch.compiler.is_compiling():
+            self._compiled_forward_only_flops.add_(flops)
+        else:
+            self.forward_only_flops += flops
+
     def take_flops(self) -> float:
-        """FLOPs of the training steps since the last call (forward x 3, backward ~ 2x forward), and reset."""
-        flops = 3.0 * (self.forward_flops + float(self._compiled_forward_flops))
-        self.forward_flops = 0.0
+        """FLOPs of the training steps since the last call, and reset: the graph-building forwards x 3
+        (backward ~ 2x forward) plus the forward-only ones x 1."""
+        compiled = torch.stack([self._compiled_forward_flops, self._compiled_forward_only_flops]).tolist()  # one read
+        flops = 3.0 * (self.forward_flops + compiled[0]) + self.forward_only_flops + compiled[1]
+        self.forward_flops = self.forward_only_flops = 0.0
         self._compiled_forward_flops.zero_()
+        self._compiled_forward_only_flops.zero_()
         return flops
 
     def remove(self) -> None:

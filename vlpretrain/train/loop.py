@@ -305,7 +305,7 @@ class Trainer:
     def _open_run(self) -> None:
         """The first writes into run.dir (config, processor, trackers), then a resume's state and data position."""
         cfg, t, accelerator, run_dir = self.cfg, self.t, self.accelerator, self.run_dir
-        self.counter = FlopCounter(self.objectives)
+        self.counter = FlopCounter(self.objectives, forward_only=[self.objectives.teacher])  # the teacher: 1x, no backward
         native_low_precision = t.precision in ("bf16", "fp16") and not emulates(accelerator.device, t.precision)
         self.peak = device_peak_flops(accelerator.device, native_low_precision)  # emulated low precision runs fp32 GEMMs
         self.config_yaml = to_yaml(cfg)
