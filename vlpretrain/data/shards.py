@@ -355,7 +355,9 @@ class ShardStream:
         views = dict(views or {}) if self.train else {}
         for name, view in views.items():
             view.check(name, image_size)
-        self.views_in_workers = bool(views) and not decode_on_device
+        self.decode_on_device = decode_on_device
+        self.views = {} if decode_on_device else views  # what the workers cut (none when they decode nothing)
+        self.views_in_workers = bool(self.views)
         if decode_on_device and normalize:
             raise ValueError("data.decode=device hands the consumer JPEG bytes to decode: build the train stream "
                              "with normalize=False and pass each batch through device_decode.DeviceBatches.")
@@ -366,8 +368,7 @@ class ShardStream:
             weights=cfg.train_weights if self.resampled else None, shuffle=self.train,
             buffer_size=cfg.shuffle_buffer, seed=seed, rank=rank, world_size=world_size,
             num_workers=max(self.num_workers, 1), random_caption=cfg.captions == "random", normalize=normalize,
-            pad_multiple=cfg.pad_multiple, decode_on_device=decode_on_device,
-            views=views if self.views_in_workers else None)
+            pad_multiple=cfg.pad_multiple, decode_on_device=decode_on_device, views=self.views)
         self.timeout, self.worker_priority, self.pin_memory = cfg.timeout, cfg.worker_priority, pin_memory
         self.rank, self.world_size = rank, world_size
         self.spec = data_spec(self.sources, seed=seed, mode=cfg.mode, weights=cfg.train_weights)
@@ -528,6 +529,28 @@ class ShardStream:
             position["keys"] = keys
         return position
 
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue exactly after the last batch the stream whose :meth:`state_dict` this is delivered: this
+        rank's share, in the same layout (e.g. a stream rebuilt to cut other views, train/stream_views.py).
+        Batches that stream's workers had made but not delivered are read again."""
+        layout = {k: state[k] for k in self._layout}
+        if layout != self._layout or state["rank"] != self.rank:
+            raise ValueError(f"a stream state of rank {state['rank']} in layout {layout} cannot continue in rank "
+                             f"{self.rank} of layout {self._layout}; use gather_position/load_position.")
+        self._continue(state, state["carry"])
+
+    def _continue(self, mine: dict[str, Any], carry: dict[str, list]) -> None:
+        """This rank's state (workers' plans, counts, carried epochs) from a state in this stream's layout."""
+        ds = self.dataset
+        self.carry = {int(e): [Task.from_json(t) for t in tasks] for e, tasks in carry.items()}
+        ds.epoch, self._snaps = int(mine["epoch"]), {}
+        ds.plans = {w: WorkerPlan.from_json(x) for w, x in enumerate(mine["workers"])}
+        ds.finished = {w for w, x in enumerate(mine["workers"]) if x["finished"]}
+        self._delivered = {w: int(x["delivered"]) for w, x in enumerate(mine["workers"])}
+        self.skipped_by_shard = {s: dict(r) for s, r in mine["skipped_by_shard"].items()}
+        if self._keys is not None:
+            self._keys = {e: list(k) for e, k in mine.get("keys", {}).items()}
+
     def check_position(self, position: dict[str, Any], source: str = "the data position") -> None:
         """A ConfigError naming the reason and the fix when ``position`` cannot continue in this stream."""
         check_position(position, self.spec, source)
@@ -538,17 +561,9 @@ class ShardStream:
         each started epoch is dealt out to this layout's readers ("redistributed"; resampled mode: new draws
         from the next epoch on, see data/README.md). Returns which of the two it did."""
         self.check_position(position, source)
-        ds, exact = self.dataset, position["exact"]
+        exact = position["exact"]
         if all(exact[k] == v for k, v in self._layout.items()):
-            mine = exact["ranks"][self.rank]
-            self.carry = {int(e): [Task.from_json(t) for t in tasks] for e, tasks in exact["carry"].items()}
-            ds.epoch, self._snaps = int(mine["epoch"]), {}
-            ds.plans = {w: WorkerPlan.from_json(x) for w, x in enumerate(mine["workers"])}
-            ds.finished = {w for w, x in enumerate(mine["workers"]) if x["finished"]}
-            self._delivered = {w: int(x["delivered"]) for w, x in enumerate(mine["workers"])}
-            self.skipped_by_shard = {s: dict(r) for s, r in mine["skipped_by_shard"].items()}
-            if self._keys is not None:
-                self._keys = {e: list(k) for e, k in mine.get("keys", {}).items()}
+            self._continue(exact["ranks"][self.rank], exact["carry"])
             return "exact"
         first = self.rank == 0  # the running totals go to one rank, so that summing over ranks stays right
         self.skipped_by_shard = {s: dict(r) for s, r in position["skipped_by_shard"].items()} if first else {}

@@ -9,8 +9,9 @@ view's name, never from the stream the clean crop uses, so the image-text losses
 with or without views, and a sample's views depend only on its place in the stream (exact resume).
 
 Views are uint8 like the clean view and normalised on the trainer's device with the same
-:meth:`ImageTransform.normalize`. Wiring: the trainer passes the objectives' views to
-``ShardStream(views=...)``; ``ShardDataset._image`` calls ``make_views`` on the image it decoded for the
+:meth:`ImageTransform.normalize`. Wiring: the trainer passes the views of the objectives running to
+``ShardStream(views=...)`` (rebuilt from its exact position when one that reads views starts:
+vlpretrain/train/stream_views.py); ``ShardDataset._image`` calls ``make_views`` on the image it decoded for the
 clean view, ``_batch`` adds ``collate_views(...)`` under ``batch["views"]``, and the trainer's
 ``_to_device`` moves and normalises ``batch["views"][name]`` (data/README.md "Extra views").
 """

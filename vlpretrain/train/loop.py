@@ -12,6 +12,7 @@ the run folder opened, one step, one log window, evaluation/checkpoint, and the 
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import time
@@ -44,6 +45,7 @@ from vlpretrain.train.precision import emulates, emulation_for, emulation_note, 
 from vlpretrain.train.metrics import MetricsLog, logged_eval, plot_curves
 from vlpretrain.train.model_init import _load_init_from, _model_from_pretrained, _tokenizer_into_model_config
 from vlpretrain.train.optim import add_started_groups, build_optimizer, build_scheduler
+from vlpretrain.train.stream_views import StreamViews
 from vlpretrain.train.run_outputs import _evaluate, _export, _full_model, _write_json  # _full_model: imported from here too
 from vlpretrain.train import sharding
 from vlpretrain.train.unused import ddp_record, decide_ddp
@@ -236,15 +238,15 @@ class Trainer:
         self.model = self._build_model(pretrained, tokenizer)
         del pretrained  # its weights are copied: no second model held through the run
         self._build_objectives(tokenizer)
-        views = self.objectives.views()  # the objectives' extra views, cut by the data workers
-        self.stream = ShardStream(cfg.data, "train", batch_size=self.micro, image_size=cfg.model.image_size,
-                                  context_length=cfg.model.max_text_len, tokenizer=tokenizer, rank=self.rank,
-                                  world_size=self.world, seed=cfg.run.seed,
-                                  pin_memory=accelerator.device.type == "cuda",
-                                  normalize=False, views=views)  # uint8 to the device, normalised there (_to_device)
-        if views and not self.stream.views_in_workers:
-            accelerator.print(f"data.decode=device: the workers decode no images, so the views {sorted(views)} are "
-                              f"cut on the device from each batch's clean view (objectives/views.py).")
+        # the objectives' extra views, cut by the data workers from their objectives' start (train/stream_views.py)
+        self.views = StreamViews(self.objectives, functools.partial(
+            ShardStream, cfg.data, "train", batch_size=self.micro, image_size=cfg.model.image_size,
+            context_length=cfg.model.max_text_len, tokenizer=tokenizer, rank=self.rank, world_size=self.world,
+            seed=cfg.run.seed, pin_memory=accelerator.device.type == "cuda",
+            normalize=False))  # uint8 to the device, normalised there (_to_device)
+        self.stream = self.views.stream_at(resumed_step(resume) if resume is not None else 0)
+        if self.views.note(self.stream):
+            accelerator.print(self.views.note(self.stream))
         if resume is not None:
             check_data_position(resume, self.stream)
 
@@ -378,6 +380,7 @@ class Trainer:
     def _next_batches(self) -> tuple[list[dict], float]:
         """train.accum_steps full micro-batches on the device, and their input tokens (counted on the host)."""
         batches, tokens = [], 0.0
+        self.stream, self.it = self.views.at_step(self.stream, self.it, self.state.step)  # views from their start
         for _ in range(self.t.accum_steps):
             raw, self.it = _next_batch(self.stream, self.it, self.state, self.micro)
             tokens += _tokens(raw, self.image_tokens)  # counted on the host batch: no device sync
