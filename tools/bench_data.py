@@ -16,6 +16,8 @@ same way), both as the trainer takes them: normalised pixels on ``--device`` (de
 one, else cpu, where the device mode decodes in this process on ``torch.get_num_threads()`` threads).
 ``--stages``: each stage alone, see :mod:`bench_stages`. ``--resize-sides 512,256``: the ``cpu`` pipeline
 on the same pictures stored with their shorter side at each size (``make-shards --resize``).
+``--views 6,96``: the ``cpu`` pipeline with and without worker views (self-distillation's local crops: 6 of
+96 px, area 0.05-0.4, from the same decoded image), i.e. what a view-reading objective's start costs the workers.
 
 Prints one JSON line. Not a test: it asserts nothing.
 """
@@ -96,7 +98,7 @@ class PeakRSS:
 
 
 def ours(shards: Path, tokenizer, workers: int, batch_size: int, priority: str, decode: str = "cpu",
-         device: str = "cpu", image_size: int = 224):
+         device: str = "cpu", image_size: int = 224, views: dict | None = None):
     import torch
 
     from vlpretrain.config import DataConfig
@@ -106,7 +108,7 @@ def ours(shards: Path, tokenizer, workers: int, batch_size: int, priority: str, 
     cfg = DataConfig(train=str(shards), num_workers=workers, shuffle_buffer=100, worker_priority=priority,
                      decode=decode)
     stream = ShardStream(cfg, "train", batch_size=batch_size, image_size=image_size, context_length=64,
-                         tokenizer=tokenizer, seed=0, normalize=False, pin_memory=device.startswith("cuda"))
+                         tokenizer=tokenizer, seed=0, normalize=False, pin_memory=device.startswith("cuda"), views=views)
     decoded = DeviceBatches(stream, device)  # data.decode=device: decoded here (cpu: passes the batch through)
     # as the trainer takes it: uint8 from the workers (or decoded on the device), normalised on the device
     for b in stream:
@@ -183,6 +185,8 @@ def main(argv: list[str] | None = None) -> None:
                       "data-wait fraction (see tools/bench_stages.py)")
     what.add_argument("--resize-sides", default=None, metavar="BIG,SMALL",
                       help="the cpu pipeline on shards stored at shorter side BIG and the same resharded to SMALL")
+    what.add_argument("--views", default=None, metavar="COUNT,SIZE",
+                      help="the cpu pipeline with and without COUNT worker views of SIZE px per sample")
     parser.add_argument("--device", default=None, help="the trainer's device (default: cuda if there is one, else cpu)")
     parser.add_argument("--image-size", type=int, default=224, help="the model's image size S (crops are S x S)")
     parser.add_argument("--sides", default="256,512", help="LO,HI: stored image sides drawn in [LO, HI]")
@@ -208,9 +212,9 @@ def main(argv: list[str] | None = None) -> None:
         tok_dir = train_tokenizer((f"picture number {i} with four circles" for i in range(500)), 64, Path(tmp) / "tok")
         tok = load_tokenizer(tok_dir)
 
-        def run(source: Path, decode: str = "cpu"):
+        def run(source: Path, decode: str = "cpu", views: dict | None = None):
             return lambda: ours(source, tok, args.workers, args.batch_size, args.priority, decode, device,
-                                args.image_size)
+                                args.image_size, views)
 
         if args.stages:
             import bench_stages
@@ -224,6 +228,14 @@ def main(argv: list[str] | None = None) -> None:
             out = figures(interleaved({"cpu": run(shards, "cpu"), "device": run(shards, "device")}, args.rounds))
             out = {"bench": "data_decode_modes", **head, "device": device, **out,
                    "device_over_cpu": round(out["samples_per_s"]["device"] / out["samples_per_s"]["cpu"], 3)}
+        elif args.views:
+            from vlpretrain.data.views import ViewSpec
+
+            count, size = (int(v) for v in args.views.split(","))
+            views = {"local": ViewSpec(count, size, (0.05, 0.4))}
+            out = figures(interleaved({"no_views": run(shards), "views": run(shards, views=views)}, args.rounds))
+            out = {"bench": "data_views", **head, "views": f"{count} x {size} px", **out,
+                   "views_over_no_views": round(out["samples_per_s"]["views"] / out["samples_per_s"]["no_views"], 3)}
         elif args.resize_sides:
             big, small = (int(v) for v in args.resize_sides.split(","))
             out = resize_speedup(Path(tmp), args, big, small, run)
