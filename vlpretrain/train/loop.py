@@ -243,7 +243,7 @@ class Trainer:
             ShardStream, cfg.data, "train", batch_size=self.micro, image_size=cfg.model.image_size,
             context_length=cfg.model.max_text_len, tokenizer=tokenizer, rank=self.rank, world_size=self.world,
             seed=cfg.run.seed, pin_memory=accelerator.device.type == "cuda",
-            normalize=False))  # uint8 to the device, normalised there (_to_device)
+            normalize=False), accelerator.print)  # uint8 to the device, normalised there (_to_device)
         self.stream = self.views.stream_at(resumed_step(resume) if resume is not None else 0)
         if self.views.note(self.stream):
             accelerator.print(self.views.note(self.stream))

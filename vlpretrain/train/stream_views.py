@@ -30,10 +30,10 @@ from vlpretrain.data.views import ViewSpec
 class StreamViews:
     """Which extra views the training stream cuts at each step, and the stream rebuilt when they change."""
 
-    def __init__(self, objectives, build: Callable[[dict[str, ViewSpec]], ShardStream]):
+    def __init__(self, objectives, build: Callable[..., ShardStream], say: Callable[[str], None] = print):
         """``objectives``: the ObjectiveSet (its schedules say who runs when); ``build(views=...)``: a new training
-        stream cutting ``views`` (the trainer's ShardStream arguments but the views)."""
-        self.objectives, self.build = objectives, build
+        stream cutting ``views`` (the trainer's ShardStream arguments but the views); ``say``: prints a switch."""
+        self.objectives, self.build, self.say = objectives, build, say
         self.declared = objectives.views()  # every configured objective's (one spec per name, checked here)
 
     def views_at(self, step: int) -> dict[str, ViewSpec]:
@@ -64,4 +64,6 @@ class StreamViews:
             it.close()  # the old workers stop; what they prefetched is read again by the new ones
         new = self.build(views=views)
         new.load_state_dict(state)
+        self.say(f"[step {step}] the data workers now cut the views {sorted(views)} (restarted at the data position; "
+                 f"the batches they had prefetched are read again)")
         return new, iter(new)
