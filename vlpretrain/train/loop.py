@@ -28,6 +28,7 @@ from vlpretrain.data.processor import VLProcessor
 from vlpretrain.data.shards import ShardStream
 from vlpretrain.data.bootstrap import ensure_synthetic
 from vlpretrain.data.device_decode import DeviceBatches
+from vlpretrain.layers.draws import SEED_KEY
 from vlpretrain.finetune import FREEZE
 from vlpretrain.models.from_timm import describe_load, load_timm_image_path, timm_image_tower
 from vlpretrain.models.modeling import VLConfig, VLModel
@@ -137,7 +138,7 @@ def _to_device(batch: dict, device, normalize=None, compiled: bool = False) -> d
     length (each batch's longest caption) is marked dynamic, so torch.compile builds one graph for all
     lengths from the first batch on (without the mark: a static graph first, then a dynamic one per call
     variant, and accumulation's three variants exceed dynamo's limit of 8 graphs, after which it runs eager)."""
-    keys = ("pixel_values", "input_ids", "attention_mask")
+    keys = ("pixel_values", "input_ids", "attention_mask", SEED_KEY)  # SEED_KEY: per-sample draws (layers/draws.py)
     out = {k: batch[k].to(device, non_blocking=True) for k in keys if batch.get(k) is not None}
     if batch.get("views"):  # the objectives' extra views, {name: (B, count, 3, s, s)}
         out["views"] = {k: v.to(device, non_blocking=True) for k, v in batch["views"].items()}
