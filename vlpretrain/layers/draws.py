@@ -8,7 +8,7 @@ name, so 2 processes draw what 1 process draws on the doubled batch, and a repla
 
 The generator: each value is the 32-bit ``lowbias32`` integer hash (Chris Wellons' hash-prospector, a
 well-tested avalanche mixer) applied to the row's key and the value's index, where the key mixes the seed's
-two 32-bit halves and the crc32 of ``stream``. Only int64 tensor ops (values kept below 2**32, the 32-bit
+two 32-bit halves and a hash of the ``stream`` name. Only int64 tensor ops (values kept below 2**32, the 32-bit
 products split in 16-bit halves so nothing overflows), on the seeds' device: no host sync, no generator
 object, the same values on CPU and CUDA, traceable by torch.compile and CUDA graphs.
 
@@ -20,7 +20,6 @@ bit-identical to the plain ``torch.rand`` / ``torch.randint`` calls they replace
 from __future__ import annotations
 
 import math
-import zlib
 
 import torch
 
@@ -45,9 +44,17 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+def _name_hash(name: str) -> int:
+    """32-bit FNV-1a of a stream name, in plain Python (torch.compile folds it; it cannot trace zlib.crc32)."""
+    h = 0x811C9DC5
+    for byte in name.encode():
+        h = ((h ^ byte) * 0x01000193) & _M32
+    return h
+
+
 def _keys(seeds: torch.Tensor, stream: str) -> torch.Tensor:
     """(B,) int64 seeds -> (B,) 32-bit keys of (seed, stream)."""
-    salt = zlib.crc32(stream.encode())
+    salt = _name_hash(stream)
     lo, hi = seeds & _M32, (seeds >> 32) & _M32
     return _mix(lo ^ _mix(hi ^ _mix(torch.full_like(seeds, (salt + _GOLDEN) & _M32))))
 

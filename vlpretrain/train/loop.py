@@ -301,7 +301,7 @@ class Trainer:
             if self.cuda_graphs:
                 accelerator.print(_cuda_graph_note(t.compile_mode, accelerator.device, cfg.data.pad_multiple))
         self.module = module
-        set_seed(cfg.run.seed + self.rank)  # per-rank randomness (patch dropout, masking) from here on
+        set_seed(cfg.run.seed + self.rank)  # torch's generator per rank: draws of batches without sample_seed
 
     def _open_run(self) -> None:
         """The first writes into run.dir (config, processor, trackers), then a resume's state and data position."""
