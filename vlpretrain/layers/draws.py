@@ -10,7 +10,8 @@ The generator: each value is the 32-bit ``lowbias32`` integer hash (Chris Wellon
 well-tested avalanche mixer) applied to the row's key and the value's index, where the key mixes the seed's
 two 32-bit halves and a hash of the ``stream`` name. Only int64 tensor ops (values kept below 2**32, the 32-bit
 products split in 16-bit halves so nothing overflows), on the seeds' device: no host sync, no generator
-object, the same values on CPU and CUDA, traceable by torch.compile and CUDA graphs.
+object, traceable by torch.compile and CUDA graphs; integer arithmetic, so the same values on any device
+(tested on the CPU; no GPU was lent to this work).
 
 :func:`rand` / :func:`randint` are the one place that decides between the per-sample draws (seeds given)
 and torch's generator (no seeds: a user's batch through the Python API, evaluation), the latter
