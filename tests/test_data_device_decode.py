@@ -110,6 +110,8 @@ def test_a_corrupt_jpeg_costs_one_counted_sample_and_never_the_batch(tmp_path, t
     assert stream.skipped_by_reason() == {"undecodable_image": 1}
     assert second["keys"] == ["good3", "good4", "good5", "good6"]  # the spare trains again in its own batch
     assert torch.equal(first["pixel_values"][2], second["pixel_values"][0])  # with its own crop both times
+    assert first["sample_seed"][2] == second["sample_seed"][0]  # and its own seed (its masks, its views)
+    assert first["sample_seed"].tolist()[:2] == raw[0]["sample_seed"].tolist()[:2]
     caption = first["attention_mask"][2].bool()
     assert torch.equal(first["input_ids"][2][caption], second["input_ids"][0][second["attention_mask"][0].bool()])
     # the good samples are the worker-decoded ones

@@ -238,6 +238,43 @@ def test_worker_views_leave_the_clean_batch_as_it_was_and_reach_the_device_norma
     assert not device.views_in_workers and "views" not in take(device, 1)[0]
 
 
+def _one_epoch_by_key(streams) -> dict[str, tuple]:
+    """key -> (uint8 pixels, caption tokens, local views, sample seed) over one epoch of every stream."""
+    out = {}
+    for stream in streams:
+        for batch in stream:
+            for b, key in enumerate(batch["keys"]):
+                caption = batch["input_ids"][b][batch["attention_mask"][b].bool()]
+                out[key] = (batch["pixel_values"][b], caption, batch["views"]["local"][b], int(batch["sample_seed"][b]))
+    return out
+
+
+def test_a_samples_caption_crop_views_and_seed_follow_its_key_not_the_layout(corpus, tokenizer):
+    """One rank without workers, and two ranks of two workers with other batch and buffer sizes: each sample gets
+    the same caption, crop, views and sample_seed (what the trainer's per-sample draws start from) in both, and
+    other ones in the next epoch. Resampled mode also mixes in the layout position (a sample may recur)."""
+    from vlpretrain.data.shards import sample_rng
+    from vlpretrain.data.views import ViewSpec
+
+    views = {"local": ViewSpec(2, 16, (0.1, 0.4))}
+    one_stream = make_stream(data_config(corpus, num_workers=0, shuffle_buffer=16), batch_size=8, tokenizer=tokenizer,
+                             normalize=False, views=views)
+    one = _one_epoch_by_key([one_stream])
+    two = _one_epoch_by_key([make_stream(data_config(corpus, num_workers=2, shuffle_buffer=4), batch_size=5,
+                                         rank=r, world_size=2, tokenizer=tokenizer, normalize=False, views=views)
+                             for r in range(2)])
+    assert one.keys() == two.keys() == _train_keys(corpus)
+    for key, (pixels, caption, local, seed) in one.items():
+        assert torch.equal(pixels, two[key][0]) and torch.equal(caption, two[key][1]), key
+        assert torch.equal(local, two[key][2]) and seed == two[key][3], key
+    assert len({v[3] for v in one.values()}) == NUM_TRAIN  # every sample its own seed
+    next_epoch = _one_epoch_by_key([one_stream])
+    assert sum(next_epoch[k][3] != one[k][3] for k in one) == NUM_TRAIN
+    assert sum(not torch.equal(next_epoch[k][0], one[k][0]) for k in one) > NUM_TRAIN * 3 // 4  # new crops
+    draw = [int(sample_rng(0, 0, "train00000001", layout).integers(2**62)) for layout in [(), (0, 0, 5), (0, 0, 6)]]
+    assert len(set(draw)) == 3
+
+
 def test_resampled_mode_follows_source_weights_and_never_ends(corpus, tokenizer):
     shards = sorted(str(p) for p in (corpus / "train").glob("*.tar"))
     spec = f"{'::'.join([shards[0], shards[1]])}"

@@ -180,6 +180,8 @@ class DeviceBatches:
         out = {k: v for k, v in batch.items() if k != "encoded"}
         out["pixel_values"] = torch.stack([images[source[r]].to(self.device, non_blocking=True) for r in range(size)])
         out["keys"] = [(batch["keys"] + enc["spare_keys"])[source[r]] for r in range(size)]
+        if "sample_seed" in batch:  # a filled row draws as its sample does (the spare's or the repeated row's)
+            out["sample_seed"] = torch.cat([batch["sample_seed"], enc["spare_seeds"]])[source]
         if failed:
             out.update(_text_rows(batch, enc, source, size))
         return out

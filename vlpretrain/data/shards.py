@@ -1,6 +1,7 @@
 """The training/evaluation stream: WebDataset shards -> batches for one rank, resumable exactly.
 
-Design (every random choice derives from ``(seed, epoch, rank, worker)``, nothing from timing):
+Design (every random choice derives from the seed, the epoch and the layout or the sample's key, nothing
+from timing):
 
 1. **Shard plan.** ``epoch`` mode: all shards, shuffled by ``(seed, epoch)`` (same permutation on
    every rank), then global worker ``g = rank * num_workers + worker`` takes shards ``g, g + R*W, ...``
@@ -10,9 +11,12 @@ Design (every random choice derives from ``(seed, epoch, rank, worker)``, nothin
    plan is a list of tasks (:mod:`vlpretrain.data.position`): a fresh epoch's are whole shards.
 2. **Raw samples** (:mod:`vlpretrain.data.reader`) go through a seeded shuffle buffer holding
    *encoded* bytes (:class:`ShuffleBuffer`); bad ones are skipped and counted by reason and shard.
-3. Each sample leaving the buffer has a position ``i`` in its worker's stream; its caption draw (``data.captions``)
-   and random crop are seeded by ``(seed, epoch, rank, worker, i)``. Images are decoded (early JPEG
-   downscaling), transformed, and batched *in the worker*, captions tokenised to the batch's longest.
+3. Each sample leaving the buffer has a position ``i`` in its worker's stream. Its caption draw
+   (``data.captions``), random crop, views and ``sample_seed`` (the seed of the trainer's per-sample draws:
+   masks, device crops, patch dropout; :mod:`vlpretrain.layers.draws`) come from :func:`sample_rng`, seeded
+   by ``(seed, epoch, the sample's key)``: the same whatever the processes, workers and shard layout (in
+   ``resampled`` mode also by ``(rank, worker, i)``, since a sample may recur in an epoch). Images are decoded
+   (early JPEG downscaling), transformed, and batched *in the worker*, captions tokenised to the batch's longest.
 4. **Order.** Workers' batches are delivered round-robin (worker 0, 1, ..., 0, 1, ...; a finished
    worker drops out). PyTorch's DataLoader only approximates this when workers finish unevenly, so
    the main process re-orders into exactly this sequence (a few batches of buffering at most).
@@ -38,6 +42,7 @@ multi-rank trainer should count steps, or use ``resampled`` mode, rather than re
 from __future__ import annotations
 
 import functools
+import hashlib
 import itertools
 import math
 import os
@@ -58,6 +63,7 @@ from vlpretrain.data.position import (
 from vlpretrain.data.reader import RawSample, SkipCounter, by_reason, expand_sources, iter_shard, merge_counts
 from vlpretrain.data.tokenizer import encode_captions, load_tokenizer
 from vlpretrain.data.views import ViewSpec, collate_views, make_views
+from vlpretrain.layers.draws import SEED_KEY
 
 RECORD_KEYS_ENV = "VLPRETRAIN_RECORD_DATA_KEYS"
 """Debugging aid: when set (to anything), a training stream also records the keys it delivered, per epoch, in
@@ -198,16 +204,19 @@ class ShardDataset(IterableDataset):
         rng = random.Random(f"buffer/{self.seed}/{self.epoch}/{self.rank}/{worker}")
         return ShuffleBuffer(self.buffer_size, rng, plan.slots, plan.draws, plan.draining)
 
-    def _load(self, sample: RawSample, position: int, worker: int) -> tuple[Any, str, dict]:
-        """The image (see :meth:`_image`), the caption and the extra views; raises :class:`BadSample`."""
+    def _load(self, sample: RawSample, position: int, worker: int) -> tuple[Any, str, dict, int | None]:
+        """The image (see :meth:`_image`), the caption, the extra views and the sample's seed (None in
+        evaluation); raises :class:`BadSample`."""
         if not self.shuffle:  # evaluation: first caption, fixed transform
-            return self.transform(self.transform.decode(sample.image)), sample.captions[0], {}
-        rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker, position])
+            return self.transform(self.transform.decode(sample.image)), sample.captions[0], {}, None
+        layout = (self.rank, worker, position) if self.resampled else ()
+        rng = sample_rng(self.seed, self.epoch, sample.key, layout)
         pick = int(rng.integers(len(sample.captions)))  # drawn either way: the crop seed stays the same
         caption = sample.captions[pick if self.random_caption else 0]
         crop_seed = int(rng.integers(2**62))
+        seed = int(rng.integers(2**62))
         image, views = self._image(sample.image, crop_seed)
-        return image, caption, views
+        return image, caption, views, seed
 
     def _image(self, data: bytes, crop_seed: int) -> tuple[Any, dict]:
         """Decoded, cropped uint8 (3, S, S) and its views ({name: uint8 (count, 3, s, s)}, each drawn from its own
@@ -237,6 +246,7 @@ class ShardDataset(IterableDataset):
                                 "spare_input_ids": spare_text["input_ids"],
                                 "spare_attention_mask": spare_text["attention_mask"],
                                 "spare_keys": [item[2] for item in spares], "shards": [item[3] for item in items],
+                                "spare_seeds": _seeds(spares),
                                 "pad_id": self.tokenizer.pad_token_id}
         else:
             pixels = torch.stack([item[0] for item in own])  # (B, 3, S, S) uint8
@@ -246,6 +256,8 @@ class ShardDataset(IterableDataset):
                 views = collate_views([item[4] for item in own])
                 batch["views"] = {k: self.transform.normalize(v) for k, v in views.items()} if self.normalize_pixels else views
         batch["keys"] = [item[2] for item in own]
+        if self.shuffle:  # training: the per-sample seeds of the trainer's draws
+            batch[SEED_KEY] = _seeds(own)
         batch.update(_worker=worker, _cursor=cursor, _skipped=skipped)
         return batch
 
@@ -269,11 +281,11 @@ class ShardDataset(IterableDataset):
             for position, (_, sample) in enumerate(buffer(raw) if buffer else raw, start=plan.cursor):
                 cursor = position + 1
                 try:
-                    image, caption, views = self._load(sample, position, worker)
+                    image, caption, views, seed = self._load(sample, position, worker)
                 except BadSample as bad:
                     skips.add(bad.reason, sample.shard)
                     continue
-                items.append((image, caption, sample.key, sample.shard, views))
+                items.append((image, caption, sample.key, sample.shard, views, seed))
                 if len(items) == self.batch_size:
                     held = (cursor, skips.take(), _snapshot(progress, buffer))
                 if len(items) == self.batch_size + self.spares:  # spares: the next batch's first samples
@@ -285,6 +297,20 @@ class ShardDataset(IterableDataset):
             if items and not self.resampled:  # resampled: full batches only (samples are redrawn anyway)
                 yield self._batch_at(items, worker, (cursor, skips.take(), _snapshot(progress, buffer)))
         yield {"_worker": worker, "_end": True, "_cursor": cursor, "_skipped": skips.take()}
+
+
+def sample_rng(seed: int, epoch: int, key: str, layout: tuple[int, ...] = ()) -> np.random.Generator:
+    """The generator of one training sample's draws (caption, crop and views, its ``sample_seed``), seeded by
+    ``(seed, epoch, key)`` (the key's blake2b digest, stable across Python runs) and ``layout`` (resampled mode's
+    ``(rank, worker, position)``; empty: the same draws wherever and whenever in the epoch the sample is read).
+    Keys should be unique in a dataset (WebDataset's convention): samples sharing one draw alike."""
+    digest = np.frombuffer(hashlib.blake2b(key.encode(), digest_size=16).digest(), dtype=np.uint32)
+    return np.random.default_rng([seed, epoch, *digest.tolist(), *layout])
+
+
+def _seeds(items: list) -> torch.Tensor:
+    """The items' sample seeds, int64 (n,)."""
+    return torch.tensor([item[5] for item in items], dtype=torch.int64)
 
 
 def _snapshot(progress: _Progress, buffer: ShuffleBuffer | None) -> dict[str, Any]:
@@ -313,7 +339,8 @@ class ShardStream:
 
     Each batch is a dict: ``pixel_values`` (B, 3, S, S) float32 (uint8 with ``normalize=False``: then the
     consumer calls :meth:`normalize`, e.g. on its GPU after the copy), ``input_ids``/``attention_mask``
-    (B, T) with T the longest caption in the batch (<= context length), ``keys`` (sample keys) and
+    (B, T) with T the longest caption in the batch (<= context length), ``keys`` (sample keys), in training
+    ``sample_seed`` (int64 (B,), each sample's seed for the trainer's draws: :func:`sample_rng`) and
     ``skipped`` ({reason: n} newly skipped since the previous batch), and with ``views`` a ``views`` dict
     ({name: (B, count, 3, s, s)}, uint8 or float like ``pixel_values``). ``skipped_by_shard`` holds the
     running totals ({shard: {reason: n}}).

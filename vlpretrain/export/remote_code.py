@@ -24,6 +24,7 @@ REMOTE_MODULES: list[tuple[str, str, tuple[str, ...] | None]] = [
     ("vl_config.py", "vlpretrain.models.config", None),
     ("vl_attention.py", "vlpretrain.layers.attention", None),
     ("vl_mlp.py", "vlpretrain.layers.mlp", None),
+    ("vl_draws.py", "vlpretrain.layers.draws", None),
     ("vl_losses.py", "vlpretrain.models.losses", None),
     ("vl_heads.py", "vlpretrain.models.heads", None),
     ("vl_backbone.py", "vlpretrain.models.backbone", None),

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from vlpretrain.layers.draws import rand as draw_uniform
 from vlpretrain.layers.attention import BACKENDS, Attention, AttentionLayout, KVCache, resolve_backend
 from vlpretrain.layers.mlp import Mlp
 from vlpretrain.models.config import ModelConfig
@@ -174,10 +175,11 @@ class VLBackbone(nn.Module):
                              f"{tuple(input_ids.shape)}, the shape of input_ids.")
 
     # -- embeddings ---------------------------------------------------------------------------
-    def random_keep(self, batch: int, keep: int, device, num_patches: int | None = None) -> torch.Tensor:
+    def random_keep(self, batch: int, keep: int, device, num_patches: int | None = None,
+                    seeds: torch.Tensor | None = None) -> torch.Tensor:
         """(B, keep) random patch indices (of ``num_patches``, the model's by default), sorted, for FLIP
-        patch dropout or MAE masking."""
-        noise = torch.rand(batch, num_patches or self.num_patches, device=device)
+        patch dropout or MAE masking; drawn per row from ``seeds`` (B,) when given (layers/draws.py)."""
+        noise = draw_uniform(seeds, "patch_dropout", batch, (num_patches or self.num_patches,), device=device)
         return noise.argsort(dim=1)[:, :keep].sort(dim=1).values
 
     def patch_positions(self, grid: int) -> torch.Tensor:
@@ -234,7 +236,8 @@ class VLBackbone(nn.Module):
                 text_causal: bool | torch.Tensor = True, cross_from_layer: int = 0, keep_idx=None,
                 depth: int | None = None, output_layers: tuple[int, ...] = (), cache: KVCache | None = None,
                 pooled_only: bool = False, patch_mask: torch.Tensor | None = None,
-                mask_token: torch.Tensor | None = None, any_size: bool = False) -> BackboneOutput:
+                mask_token: torch.Tensor | None = None, any_size: bool = False,
+                seeds: torch.Tensor | None = None) -> BackboneOutput:
         """Run the first ``depth`` blocks (all by default) on image and/or text under a layout.
 
         layout: image | text | prefix_lm | fused | separate; default from the inputs given
@@ -246,6 +249,8 @@ class VLBackbone(nn.Module):
         the same pooled states for ~3/4 less of the last block's matmuls and activations.
         patch_mask (B, N) bool + mask_token (D,): masked patches read the token (no patch dropout then).
         any_size: images of any square side that is a multiple of the patch (positions resampled).
+        seeds: int64 (B,) per-row seeds of this call's patch dropout (each call its own, e.g.
+        ``draws.fork(batch_seeds, name)``); None: torch's generator.
         """
         decoding = cache is not None and cache.layers
         if pixel_values is None and input_ids is None:
@@ -261,7 +266,7 @@ class VLBackbone(nn.Module):
             if keep_idx is None and patch_mask is None and self.training and self.cfg.patch_dropout > 0:
                 n_patches = (pixel_values.shape[-1] // self.cfg.patch_size) ** 2  # the model's, or a crop's
                 n_keep = max(1, int(round(n_patches * (1 - self.cfg.patch_dropout))))
-                keep_idx = self.random_keep(pixel_values.shape[0], n_keep, pixel_values.device, n_patches)
+                keep_idx = self.random_keep(pixel_values.shape[0], n_keep, pixel_values.device, n_patches, seeds)
             parts.append(self.embed_image(pixel_values, keep_idx, patch_mask, mask_token))
             n_image = parts[0].shape[1]
         offset = cache.n_text if decoding else 0

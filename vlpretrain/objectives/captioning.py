@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vlpretrain.layers.draws import SEED_KEY, fork, rand
 from vlpretrain.models.losses import next_token_loss
 from vlpretrain.objectives.registry import register_objective
 from vlpretrain.objectives.base import Objective, ObjectiveConfig, ObjectiveOutput, SharedFeatures
@@ -58,11 +59,12 @@ class Captioning(Objective):
         ids, mask, pixels = batch["input_ids"], batch["attention_mask"], batch["pixel_values"]
         if not self.training:  # evaluation predicts autoregressively
             return model.backbone(pixels, ids, mask, layout="prefix_lm", cross_from_layer=self.text_embed_depth).text
-        parallel = torch.rand(ids.shape[0], device=ids.device) < self.cfg.parallel_prob  # (B,)
+        seeds = batch.get(SEED_KEY)  # per-sample draws when the batch has seeds (layers/draws.py)
+        parallel = rand(seeds, f"{self.name}/parallel", ids.shape[0], device=ids.device) < self.cfg.parallel_prob  # (B,)
         # every real position of a parallel caption reads a mask token; padding stays padding
         ids = torch.where(parallel[:, None] & mask.bool(), torch.full_like(ids, self.mask_token_id), ids)
         return model.backbone(pixels, ids, mask, layout="prefix_lm", text_causal=~parallel,
-                              cross_from_layer=self.text_embed_depth).text
+                              cross_from_layer=self.text_embed_depth, seeds=fork(seeds, f"{self.name}/backbone")).text
 
     def forward(self, model: nn.Module, batch: dict, shared: SharedFeatures) -> ObjectiveOutput:
         ids, mask = batch["input_ids"], batch["attention_mask"]

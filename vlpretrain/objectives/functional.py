@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from vlpretrain.layers.draws import rand, randint
 from vlpretrain.models.losses import IGNORE_INDEX
 
 
@@ -33,30 +34,27 @@ def next_token_accuracy(logits: torch.Tensor, labels: torch.Tensor,
     return hit.sum().float() / counted.sum().clamp(min=1)
 
 
-def _generator(generator: torch.Generator | None) -> dict:
-    """``generator=`` for a random factory only when one is given: under torch.compile the overload taking a
-    generator (even None) rejects a symbolic size, e.g. the caption length the trainer marks dynamic."""
-    return {"generator": generator} if generator is not None else {}
-
-
 def mask_tokens(input_ids: torch.Tensor, candidates: torch.Tensor, mask_ratio: float, mask_token_id: int,
                 vocab_size: int, mask_share: float = 0.8, random_share: float = 0.1,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                generator: torch.Generator | None = None, seeds: torch.Tensor | None = None,
+                stream: str = "mask_tokens") -> tuple[torch.Tensor, torch.Tensor]:
     """BERT-style corruption: (corrupted input_ids (B, T), labels (B, T) with IGNORE_INDEX unselected).
 
     Each candidate position (``candidates`` (B, T) bool: real, non-special tokens) is selected with
     probability ``mask_ratio``. A selected token becomes the mask token with probability
     ``mask_share``, a uniformly drawn vocabulary id with probability ``random_share``, and stays
     itself otherwise (80/10/10 by default). The loss is computed on every selected position.
+    Drawn per caption from ``seeds`` (B,) under ``stream`` when given (layers/draws.py: position t's draws
+    do not depend on the padded length T), else from torch's generator.
     """
-    def draw(shape):
-        return torch.rand(shape, device=input_ids.device, **_generator(generator))
-
-    selected = candidates & (draw(input_ids.shape) < mask_ratio)  # (B, T)
-    action = draw(input_ids.shape)  # one uniform draw decides mask / random / keep
+    B, T = input_ids.shape
+    device = input_ids.device
+    selected = candidates & (rand(seeds, f"{stream}/select", B, (T,), device=device, generator=generator)
+                             < mask_ratio)  # (B, T)
+    action = rand(seeds, f"{stream}/action", B, (T,), device=device, generator=generator)  # mask / random / keep
     to_mask = selected & (action < mask_share)
     to_random = selected & (action >= mask_share) & (action < mask_share + random_share)
-    random_ids = torch.randint(vocab_size, input_ids.shape, device=input_ids.device, **_generator(generator))
+    random_ids = randint(seeds, f"{stream}/token", vocab_size, B, (T,), device=device, generator=generator)
     corrupted = torch.where(to_mask, torch.full_like(input_ids, mask_token_id), input_ids)
     corrupted = torch.where(to_random, random_ids, corrupted)
     labels = torch.where(selected, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
@@ -168,15 +166,17 @@ def mae_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> to
 
 
 def random_masking(batch: int, num_patches: int, mask_ratio: float, device=None,
-                   generator: torch.Generator | None = None):
+                   generator: torch.Generator | None = None, seeds: torch.Tensor | None = None,
+                   stream: str = "random_masking"):
     """Per-sample random masking: (keep_idx (B, K), mask (B, P) 1 = hidden, ids_restore (B, P)).
 
-    Patches are ranked by uniform noise; the first ``K = round(P * (1 - mask_ratio))`` (at least 1)
+    Patches are ranked by uniform noise (per image from ``seeds`` (B,) under ``stream`` when given, see
+    layers/draws.py; else from torch's generator); the first ``K = round(P * (1 - mask_ratio))`` (at least 1)
     are kept, in that shuffled order. ``ids_restore`` undoes the shuffle: gathering
     ``[kept tokens ; mask tokens]`` with it puts every token back at its patch position.
     """
     keep = max(1, round(num_patches * (1 - mask_ratio)))
-    noise = torch.rand(batch, num_patches, device=device, **_generator(generator))  # (B, P)
+    noise = rand(seeds, stream, batch, (num_patches,), device=device, generator=generator)  # (B, P)
     ids_shuffle = noise.argsort(dim=1)  # (B, P)
     ids_restore = ids_shuffle.argsort(dim=1)  # (B, P)
     mask = torch.ones(batch, num_patches, device=device)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from vlpretrain.layers.draws import rand
+
 
 def teacher_probs(teacher_logits: torch.Tensor, center: torch.Tensor, teacher_temp: float) -> torch.Tensor:
     """Centred, sharpened teacher distribution: softmax((t - c) / tau_t), in fp32. (B, K), c (K,) or (1, K)."""
@@ -47,11 +49,13 @@ def center_update(center: torch.Tensor, batch_mean: torch.Tensor, momentum: floa
 
 
 def random_patch_mask(batch: int, num_patches: int, mask_ratio: float, device=None,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
-    """(B, N) bool: exactly ``round(N * mask_ratio)`` (at least 1, at most N - 1) random patches per image."""
+                      generator: torch.Generator | None = None, seeds: torch.Tensor | None = None,
+                      stream: str = "patch_mask") -> torch.Tensor:
+    """(B, N) bool: exactly ``round(N * mask_ratio)`` (at least 1, at most N - 1) random patches per image;
+    drawn per image from ``seeds`` (B,) under ``stream`` when given (layers/draws.py), else from torch's generator."""
     hidden = min(max(1, round(num_patches * mask_ratio)), num_patches - 1)
-    kwargs = {"generator": generator} if generator is not None else {}
-    rank = torch.rand(batch, num_patches, device=device, **kwargs).argsort(1).argsort(1)  # a random permutation
+    noise = rand(seeds, stream, batch, (num_patches,), device=device, generator=generator)  # (B, N)
+    rank = noise.argsort(1).argsort(1)  # a random permutation
     return rank < hidden
 
 

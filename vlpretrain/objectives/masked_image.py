@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vlpretrain.layers.draws import SEED_KEY
 from vlpretrain.objectives.registry import register_objective
 from vlpretrain.objectives.base import Objective, ObjectiveConfig, ObjectiveOutput, SharedFeatures
 from vlpretrain.objectives.functional import mae_loss, norm_pix_target, patchify, random_masking
@@ -111,7 +112,8 @@ class MaskedImage(Objective):
         pixels = batch["pixel_values"]  # (B, C, H, W)
         num_patches = model.backbone.num_patches
         keep_idx, mask, ids_restore = random_masking(pixels.shape[0], num_patches, self.cfg.mask_ratio,
-                                                     pixels.device)
+                                                     pixels.device, seeds=batch.get(SEED_KEY),
+                                                     stream=f"{self.name}/mask")
         if self.cfg.condition_on_text:
             out = model.backbone(pixels, batch["input_ids"], batch["attention_mask"], layout="fused",
                                  text_causal=False, keep_idx=keep_idx)

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vlpretrain.layers.draws import SEED_KEY
 from vlpretrain.objectives import register_objective
 from vlpretrain.objectives.base import Objective, ObjectiveConfig, ObjectiveOutput, SharedFeatures
 from vlpretrain.objectives.functional_teacher import masked_feature_loss, random_patch_mask
@@ -66,7 +67,8 @@ class MaskedPrediction(Objective):
         if shared.teacher_image is None:
             raise self.error("no teacher features in the shared forward", "run it through an ObjectiveSet")
         pixels = batch["pixel_values"]
-        mask = random_patch_mask(pixels.shape[0], self.num_patches, self.cfg.mask_ratio, pixels.device)  # (B, N)
+        mask = random_patch_mask(pixels.shape[0], self.num_patches, self.cfg.mask_ratio, pixels.device,
+                                 seeds=batch.get(SEED_KEY), stream=f"{self.name}/mask")  # (B, N)
         student = model.backbone(pixel_values=pixels, layout="image", patch_mask=mask,
                                  mask_token=self.mask_token).image[:, 1:]  # (B, N, D)
         pred = self.head(student[mask])  # (M, D)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vlpretrain.layers.draws import SEED_KEY, fork
 from vlpretrain.objectives.registry import register_objective
 from vlpretrain.objectives.base import Objective, ObjectiveConfig, ObjectiveOutput, SharedFeatures
 from vlpretrain.objectives.functional import IGNORE_INDEX, mask_tokens, masked_token_loss
@@ -60,9 +61,12 @@ class MaskedText(Objective):
         ids, mask = batch["input_ids"], batch["attention_mask"]
         special = torch.tensor(self.special + [self.mask_token_id], device=ids.device)
         candidates = mask.bool() & ~torch.isin(ids, special)  # (B, T) real, non-special tokens
+        seeds = batch.get(SEED_KEY)
         corrupted, labels = mask_tokens(ids, candidates, self.cfg.mask_ratio, self.mask_token_id, self.vocab_size,
-                                        self.cfg.mask_token_share, self.cfg.random_token_share)
-        out = model.backbone(batch["pixel_values"], corrupted, mask, layout="fused", text_causal=False)
+                                        self.cfg.mask_token_share, self.cfg.random_token_share, seeds=seeds,
+                                        stream=f"{self.name}/tokens")
+        out = model.backbone(batch["pixel_values"], corrupted, mask, layout="fused", text_causal=False,
+                             seeds=fork(seeds, f"{self.name}/backbone"))
         selected = labels != IGNORE_INDEX  # (B, T)
         logits = model.lm_head(out.text[selected])  # (M, V)
         targets = labels[selected]  # (M,)

@@ -34,6 +34,7 @@ from torch import nn
 
 from vlpretrain.errors import ConfigError
 from vlpretrain.data.views import ViewSpec
+from vlpretrain.layers.draws import SEED_KEY, fork, per_view
 from vlpretrain.objectives import register_objective
 from vlpretrain.objectives.base import Objective, ObjectiveConfig, ObjectiveOutput, SharedFeatures
 from vlpretrain.objectives.distributed import world
@@ -134,22 +135,26 @@ class SelfDistillation(Objective):
         c = self.cfg
         return {"local": ViewSpec(c.local_crops, c.local_size, tuple(c.local_scale))}
 
-    def local_views(self, batch: dict) -> torch.Tensor:
+    def local_views(self, batch: dict, seeds: torch.Tensor | None = None) -> torch.Tensor:
         """(V * B, C, s, s) view-major local crops: the data workers' ``batch["views"]["local"]`` (B, V, C, s, s,
-        normalised) when the batch has them, else cut on the device from ``pixel_values``."""
+        normalised) when the batch has them, else cut on the device from ``pixel_values`` (``seeds``: (V * B,)
+        per-crop seeds, or None)."""
         given = (batch.get("views") or {}).get("local")
         if given is not None:
             return given.transpose(0, 1).reshape(-1, *given.shape[2:])
         c = self.cfg
-        return random_resized_crops(batch["pixel_values"], c.local_crops, c.local_size, tuple(c.local_scale))
+        return random_resized_crops(batch["pixel_values"], c.local_crops, c.local_size, tuple(c.local_scale),
+                                    seeds=seeds, stream=f"{self.name}/crops")
 
     def forward(self, model: nn.Module, batch: dict, shared: SharedFeatures) -> ObjectiveOutput:
         if shared.teacher is None:
             raise self.error("no teacher features in the shared forward", "run it through an ObjectiveSet")
         cfg, pixels = self.cfg, batch["pixel_values"]
         B = pixels.shape[0]
-        local = self.local_views(batch)  # (VB, C, s, s)
-        pooled = model.backbone(pixel_values=local, layout="image", any_size=True, pooled_only=True).image[:, 0]
+        seeds = per_view(batch.get(SEED_KEY), cfg.local_crops, self.name)  # (VB,) or None (layers/draws.py)
+        local = self.local_views(batch, seeds)  # (VB, C, s, s)
+        pooled = model.backbone(pixel_values=local, layout="image", any_size=True, pooled_only=True,
+                                seeds=fork(seeds, f"{self.name}/backbone")).image[:, 0]
         student = self.head(pooled).view(cfg.local_crops, B, -1)  # (V, B, K)
         with torch.no_grad():
             teacher = shared.teacher.heads[self.name]["head"](shared.teacher_image[:, 0]).float()  # (B, K)

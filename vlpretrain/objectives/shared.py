@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from vlpretrain.layers.draws import SEED_KEY, fork
 from vlpretrain.models.heads import pool_image, pool_text
 from vlpretrain.objectives.base import NEEDS, SharedFeatures
 
@@ -33,20 +34,25 @@ def shared_forward(model: nn.Module, batch: dict, needs: frozenset[str] | set[st
         raise ValueError(f"unknown shared-forward needs {sorted(unknown)}; valid: {', '.join(NEEDS)}.")
     backbone, K = model.backbone, model.config.text_embed_depth
     pixels, ids, mask = batch.get("pixel_values"), batch.get("input_ids"), batch.get("attention_mask")
+    seeds = batch.get(SEED_KEY)  # per-sample patch dropout when the batch has seeds (layers/draws.py)
     out = SharedFeatures()
     if "caption" in needs:
         layers = (K,) if {"text", "text_pooled"} & set(needs) and K > 0 else ()
-        res = backbone(pixels, ids, mask, layout="prefix_lm", cross_from_layer=K, output_layers=layers)
+        res = backbone(pixels, ids, mask, layout="prefix_lm", cross_from_layer=K, output_layers=layers,
+                       seeds=fork(seeds, "shared/caption"))
         out.image, out.caption, out.forwards = res.image, res.text, out.forwards + 1
         if layers:
             out.text = backbone.final_norm(res.layer_hidden[K], res.image.shape[1])[1]  # (B, T, D)
-    if "image" in needs and out.image is None:
-        out.image, out.forwards = model.forward_features(pixels), out.forwards + 1
+    if "image" in needs and out.image is None:  # (model.forward_features, with the seeds)
+        out.image = backbone(pixel_values=pixels, layout="image", seeds=fork(seeds, "shared/image")).image
+        out.forwards += 1
     if "text" in needs and out.text is None:
         out.text, out.forwards = model.text_features(ids, mask), out.forwards + 1
     if "image_pooled" in needs:
         if out.image is None:
-            out.image_pooled, out.forwards = model.pooled_image_features(pixels), out.forwards + 1
+            out.image_pooled = backbone(pixel_values=pixels, layout="image", pooled_only=True,
+                                        seeds=fork(seeds, "shared/image")).image[:, 0]  # (model.pooled_image_features)
+            out.forwards += 1
         else:
             out.image_pooled = pool_image(out.image)
     if "text_pooled" in needs:

@@ -11,14 +11,16 @@ one micro-batch: k micro-batches of b are not a batch of k*b. Here they are (Gao
    the last micro-step ``<parameter, cached gradient>``, plus its other (per-example) losses
    weighted by its share of the examples.
 
-Random draws (patch dropout, masking) are replayed: each micro-batch's recompute starts from the
-RNG state its no-grad pass started from. Under DDP / Accelerate, the recompute of every micro-batch
-but the last runs under ``no_sync``, so gradients are all-reduced once; under FSDP2 under
-``set_requires_gradient_sync(False)``, so they are reduce-scattered once. Under FSDP2, step 2 runs
-outside the forward, where the parameters are shards: the root's parameters (the objectives' own,
-such as the logit scale) are gathered for it, so their gradient is the full, exact one. Per-example-mean losses are
-exact; token-mean losses (captioning, masked_text) are averaged per micro-batch and weighted by
-examples, which is the same approximation DDP makes across ranks.
+Random draws (patch dropout, masking) repeat in the recompute: a batch with per-sample seeds
+(``sample_seed``, layers/draws.py) draws from them, the same in both passes by construction;
+without, each micro-batch's recompute starts from the RNG state its no-grad pass started from. Under
+DDP / Accelerate, the recompute of every micro-batch but the last runs under ``no_sync``, so
+gradients are all-reduced once; under FSDP2 under ``set_requires_gradient_sync(False)``, so they are
+reduce-scattered once. Under FSDP2, step 2 runs outside the forward, where the parameters are
+shards: the root's parameters (the objectives' own, such as the logit scale) are gathered for it, so
+their gradient is the full, exact one. Per-example-mean losses are exact; token-mean losses
+(captioning, masked_text) are averaged per micro-batch and weighted by examples, which is the same
+approximation DDP makes across ranks.
 """
 
 from __future__ import annotations

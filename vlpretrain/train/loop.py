@@ -29,6 +29,7 @@ from vlpretrain.data.processor import VLProcessor
 from vlpretrain.data.shards import ShardStream
 from vlpretrain.data.bootstrap import ensure_synthetic
 from vlpretrain.data.device_decode import DeviceBatches
+from vlpretrain.layers.draws import SEED_KEY
 from vlpretrain.finetune import FREEZE
 from vlpretrain.models.from_timm import describe_load, load_timm_image_path, timm_image_tower
 from vlpretrain.models.modeling import VLConfig, VLModel
@@ -139,7 +140,7 @@ def _to_device(batch: dict, device, normalize=None, compiled: bool = False) -> d
     length (each batch's longest caption) is marked dynamic, so torch.compile builds one graph for all
     lengths from the first batch on (without the mark: a static graph first, then a dynamic one per call
     variant, and accumulation's three variants exceed dynamo's limit of 8 graphs, after which it runs eager)."""
-    keys = ("pixel_values", "input_ids", "attention_mask")
+    keys = ("pixel_values", "input_ids", "attention_mask", SEED_KEY)  # SEED_KEY: per-sample draws (layers/draws.py)
     out = {k: batch[k].to(device, non_blocking=True) for k in keys if batch.get(k) is not None}
     if batch.get("views"):  # the objectives' extra views, {name: (B, count, 3, s, s)}
         out["views"] = {k: v.to(device, non_blocking=True) for k, v in batch["views"].items()}
@@ -302,7 +303,7 @@ class Trainer:
             if self.cuda_graphs:
                 accelerator.print(_cuda_graph_note(t.compile_mode, accelerator.device, cfg.data.pad_multiple))
         self.module = module
-        set_seed(cfg.run.seed + self.rank)  # per-rank randomness (patch dropout, masking) from here on
+        set_seed(cfg.run.seed + self.rank)  # torch's generator per rank: draws of batches without sample_seed
 
     def _open_run(self) -> None:
         """The first writes into run.dir (config, processor, trackers), then a resume's state and data position."""
