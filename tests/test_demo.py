@@ -19,8 +19,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_demo_runs_end_to_end_and_learns(tmp_path):
     shutil.copytree(ROOT / "configs", tmp_path / "configs")  # the demo as a user runs it: from a checkout
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HOME": str(tmp_path / "hf-home")}
-    shortened = ["data.synthesize=1500", "train.steps=120", "eval.every=60", "eval.max_samples=150",
-                 "train.ckpt_every=60", "train.log_every=10"]
+    # 80 steps, not the demo's 600, with the warm-up shrunk to match (the demo's 50 would be most of the run). Seen
+    # on this CPU: caption token accuracy 0.40 at step 40 and 0.45 at step 80, retrieval R@5 0.72 (0.033 by chance).
+    shortened = ["data.synthesize=1500", "train.steps=80", "optim.warmup_steps=10", "eval.every=40",
+                 "eval.max_samples=150", "train.ckpt_every=40", "train.log_every=10"]
     launch = ["--accelerate-config", "configs/accelerate/cpu.yaml"]  # through accelerate launch, as on a cluster
     proc = subprocess.run([sys.executable, "-m", "vlpretrain", "train", *launch, *shortened], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=600)
@@ -30,8 +32,8 @@ def test_demo_runs_end_to_end_and_learns(tmp_path):
     run = tmp_path / "runs" / "demo"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     evals = {r["step"]: r for r in records if "eval/i2t_r@1" in r}
-    assert sorted(evals) == [60, 120]
-    final, middle = evals[120], evals[60]
+    assert sorted(evals) == [40, 80]
+    final, middle = evals[80], evals[40]
     chance_r5 = 5 / final["eval/samples"]  # 150 validation images: R@5 by chance is 0.033
     print({k: v for k, v in final.items() if isinstance(v, float)})
     assert final["eval/i2t_r@5"] > 3 * chance_r5 and final["eval/t2i_r@5"] > 3 * chance_r5
@@ -40,6 +42,6 @@ def test_demo_runs_end_to_end_and_learns(tmp_path):
     train_records = [r for r in records if "loss" in r]
     assert train_records[-1]["loss"] < 0.6 * train_records[0]["loss"]
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["world_size"] == 1 and summary["steps"] == 120
+    assert summary["world_size"] == 1 and summary["steps"] == 80
     for name in ("loss.png", "eval.png", "config.yaml", "model/model.safetensors", "model/processor_config.json"):
         assert (run / name).is_file(), name
