@@ -103,7 +103,7 @@ def test_bench_recipe_labels_the_dominant_object_and_splits_the_arms():
                {"name": "self_distillation", "start": 0.8}, {"name": "masked_prediction", "start": 0.8}]
     base, start = recipe.split_arms(entries, 20)
     assert [e["name"] for e in base] == ["contrastive", "captioning"] and start == 16
-    with pytest.raises(SystemExit, match="need both"):
+    with pytest.raises(SystemExit, match="the comparison needs some from step 0"):
         recipe.split_arms(entries[:2], 20)
 
 

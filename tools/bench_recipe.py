@@ -117,8 +117,9 @@ def split_arms(entries: list[dict], total_steps: int) -> tuple[list[dict], int]:
     later = [resolve_start(e.get("start", 0) or 0, total_steps) for e in entries if delayed(e)]
     if not base or not later:
         names = [e["name"] for e in entries]
-        raise SystemExit(f"the config's objectives {names} need both ones from step 0 (the base arm) and delayed or "
-                         "teacher ones (what the full recipe adds); use configs/siglip2-base-debug.yaml or alike.")
+        raise SystemExit(f"the config's objectives are {names}; the comparison needs some from step 0 without the "
+                         "teacher (the base arm) and some starting later or reading the EMA teacher (what the full "
+                         "recipe adds): use configs/siglip2-base-debug.yaml or a config like it.")
     return base, min(later)
 
 
@@ -251,13 +252,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def prepare_data(args) -> tuple[Path, dict[str, Path], object]:
-    """The synthetic training set (vlpretrain.data.bootstrap) and the probe shards, at the model's image size."""
-    from vlpretrain.config import DataConfig, load_config
+def prepare_data(args, size: int) -> tuple[Path, dict[str, Path]]:
+    """The synthetic training set (vlpretrain.data.bootstrap) and the probe shards, at the model's image ``size``."""
+    from vlpretrain.config import DataConfig
     from vlpretrain.data.bootstrap import ensure_synthetic
 
-    cfg = load_config(args.config, [*args.overrides, f"train.steps={args.steps}"])
-    size = cfg.model.image_size
     root = Path(args.work).resolve() / f"synth-{size}px-{args.train_samples}"
     data = DataConfig(train=str(root / "train"), val=str(root / "val"), tokenizer=str(root / "tokenizer"),
                       synthesize=args.train_samples)
@@ -265,7 +264,7 @@ def prepare_data(args) -> tuple[Path, dict[str, Path], object]:
         ensure_synthetic(data, image_size=size, seed=0)
     probes = write_probe_sets(Path(args.work).resolve() / f"probe-{size}px-{args.probe_samples}", args.probe_samples,
                               size, seed=0)
-    return root, probes, cfg
+    return root, probes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -274,9 +273,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    data_root, probes, cfg = prepare_data(args)
+    from vlpretrain.config import load_config
+
+    cfg = load_config(args.config, [*args.overrides, f"train.steps={args.steps}"])
     full_objectives = [dict(e) for e in cfg.objectives]
-    base_objectives, start = split_arms(full_objectives, args.steps)
+    base_objectives, start = split_arms(full_objectives, args.steps)  # (before anything is written)
+    data_root, probes = prepare_data(args, cfg.model.image_size)
     new_names = [e["name"] for e in full_objectives if e not in base_objectives]
     seeds = [args.seed + k for k in range(args.seeds)]
     runs = []
