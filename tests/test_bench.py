@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -80,3 +81,54 @@ def _tree_env() -> dict:
     import os
 
     return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def _recipe_module():
+    spec = importlib.util.spec_from_file_location("bench_recipe", ROOT / "tools" / "bench_recipe.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_recipe_labels_the_dominant_object_and_splits_the_arms():
+    recipe = _recipe_module()
+    scene = {"objects": [{"shape": "circle", "color": "red", "r": 0.10, "x": 0.1, "y": 0.5},
+                         {"shape": "triangle", "color": "blue", "r": 0.19, "x": 0.8, "y": 0.5},
+                         {"shape": "square", "color": "green", "r": 0.19, "x": 0.4, "y": 0.5}]}
+    from vlpretrain.data.synthetic import COLORS, SHAPES
+
+    expected = {"shape": SHAPES.index("square"), "color": list(COLORS).index("green"), "count": 2}
+    assert recipe.scene_labels(scene) == expected  # the leftmost of the large ones: the green square
+    entries = [{"name": "contrastive", "loss": "siglip"}, {"name": "captioning"},
+               {"name": "self_distillation", "start": 0.8}, {"name": "masked_prediction", "start": 0.8}]
+    base, start = recipe.split_arms(entries, 20)
+    assert [e["name"] for e in base] == ["contrastive", "captioning"] and start == 16
+    with pytest.raises(SystemExit, match="the comparison needs some from step 0"):
+        recipe.split_arms(entries[:2], 20)
+
+
+@pytest.mark.slow
+def test_bench_recipe_trains_both_arms_and_prints_every_figure(tmp_path):
+    """Toy sizes (6 steps, the new objectives from step 4): the JSON has every field, all finite."""
+    run = subprocess.run([sys.executable, "tools/bench_recipe.py", "--steps", "6", "--batch-size", "16",
+                          "--log-every", "1", "--train-samples", "128", "--probe-samples", "32",
+                          "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out.json"),
+                          "data.num_workers=0", "objectives.2.start=4", "objectives.3.start=4"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300, env=_tree_env())
+    assert run.returncode == 0, run.stderr[-2000:]
+    figures = json.loads(run.stdout.strip().splitlines()[-1])
+    assert figures == json.loads((tmp_path / "out.json").read_text())
+    recipe = _recipe_module()
+    expected = [*recipe.RETRIEVAL, *(f"probe_{label}" for label in recipe.LABELS)]
+    for arm in ("base", "full"):
+        assert sorted(figures["arms"][arm]) == sorted(expected)
+        assert all(0 <= v["mean"] <= 1 for v in figures["arms"][arm].values())
+        assert figures["train_s"][arm]["mean"] > 0 and figures["eval_s"][arm]["mean"] > 0
+    assert all(math.isfinite(d["mean"]) for d in figures["deltas"].values())
+    assert figures["start_step"] == 4 and figures["new_objectives_names"] == ["self_distillation", "masked_prediction"]
+    for key in ("self_distillation/agreement", "self_distillation/effective_prototypes",
+                "masked_prediction/masked_cosine", "loss/self_distillation", "loss/masked_prediction"):
+        assert math.isfinite(figures["new_objectives"][key]["last"]), key
+    assert "loss/self_distillation" not in figures["final_losses"]["base"]
+    assert figures["pre_start_loss_max_diff"] == 0.0  # the arms are one run until the start
+    assert "probe_shape" in run.stdout and "full ahead" in run.stdout  # the table
