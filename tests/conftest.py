@@ -5,6 +5,33 @@ from __future__ import annotations
 import pytest
 
 
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`-n 2 --dist loadgroup`), every `slow` test runs on one worker, one at a time:
+    they start `accelerate launch`/torchrun process pairs on accelerate's fixed rendezvous port 29500 and
+    take both cores, so two at once would collide or thrash. A plain `python -m pytest` is unaffected."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        if item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.xdist_group("processes"))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_beside_the_processes(request):
+    """Under xdist, in-process tests take one core, leaving the other to the worker running the `slow` group."""
+    import os
+
+    import torch
+
+    if "PYTEST_XDIST_WORKER" not in os.environ or request.node.get_closest_marker("slow"):
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory):
     """A small synthetic dataset (32 px, 8 train shards, val, tokenizer), generated once per session."""
