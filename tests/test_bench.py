@@ -17,11 +17,16 @@ from tests.helpers import train_overrides
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _bench_module():
-    spec = importlib.util.spec_from_file_location("bench", ROOT / "tools" / "bench.py")
+def _tool_module(name: str = "bench"):
+    """``tools/NAME.py`` imported as a module (tools/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _bench_module():
+    return _tool_module("bench")
 
 
 def test_figures_are_time_weighted_over_the_steps_after_warmup():
@@ -84,10 +89,7 @@ def _tree_env() -> dict:
 
 
 def _recipe_module():
-    spec = importlib.util.spec_from_file_location("bench_recipe", ROOT / "tools" / "bench_recipe.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _tool_module("bench_recipe")
 
 
 def test_bench_recipe_labels_the_dominant_object_and_splits_the_arms():

@@ -219,7 +219,7 @@ def test_worker_views_leave_the_clean_batch_as_it_was_and_reach_the_device_norma
     views = {"local": ViewSpec(3, 16, (0.1, 0.4)), "global": ViewSpec(1, 32, (0.5, 1.0))}
     plain = take(make_stream(cfg, batch_size=8, tokenizer=tokenizer, normalize=False), 3)
     stream = make_stream(cfg, batch_size=8, tokenizer=tokenizer, normalize=False, views=views)
-    assert stream.views_in_workers
+    assert stream.views
     with_views = take(stream, 3)
     for want, got in zip(plain, with_views, strict=True):
         assert "views" not in want and got["keys"] == want["keys"]
@@ -235,7 +235,7 @@ def test_worker_views_leave_the_clean_batch_as_it_was_and_reach_the_device_norma
         make_stream(cfg, tokenizer=tokenizer, views={"big": ViewSpec(1, 64, (0.5, 1.0))})
     device = make_stream(data_config(corpus, num_workers=0, decode="device"), tokenizer=tokenizer, normalize=False,
                          views=views)  # the workers decode nothing: no views from them (the trainer says so)
-    assert not device.views_in_workers and "views" not in take(device, 1)[0]
+    assert not device.views and "views" not in take(device, 1)[0]
 
 
 def _one_epoch_by_key(streams) -> dict[str, tuple]:

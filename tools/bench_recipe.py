@@ -34,6 +34,7 @@ import contextlib
 import json
 import math
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -81,8 +82,6 @@ def write_probe_sets(out: Path, samples: int, image_size: int, seed: int) -> dic
     if all((p / "sizes.json").is_file() for p in paths.values()):
         return paths
     work = out.with_name(f".{out.name}.tmp")
-    import shutil
-
     shutil.rmtree(work, ignore_errors=True)
     writers = {label: ShardWriter(work / label, samples_per_shard=max(samples // 4, 1), mtime=0) for label in LABELS}
     for i in range(samples):

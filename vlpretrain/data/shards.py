@@ -1,7 +1,6 @@
 """The training/evaluation stream: WebDataset shards -> batches for one rank, resumable exactly.
 
-Design (every random choice derives from the seed, the epoch and the layout or the sample's key, nothing
-from timing):
+Design (every random choice derives from the seed, the epoch and the layout or the sample's key, never timing):
 
 1. **Shard plan.** ``epoch`` mode: all shards, shuffled by ``(seed, epoch)`` (same permutation on
    every rank), then global worker ``g = rank * num_workers + worker`` takes shards ``g, g + R*W, ...``
@@ -11,12 +10,11 @@ from timing):
    plan is a list of tasks (:mod:`vlpretrain.data.position`): a fresh epoch's are whole shards.
 2. **Raw samples** (:mod:`vlpretrain.data.reader`) go through a seeded shuffle buffer holding
    *encoded* bytes (:class:`ShuffleBuffer`); bad ones are skipped and counted by reason and shard.
-3. Each sample leaving the buffer has a position ``i`` in its worker's stream. Its caption draw
-   (``data.captions``), random crop, views and ``sample_seed`` (the seed of the trainer's per-sample draws:
-   masks, device crops, patch dropout; :mod:`vlpretrain.layers.draws`) come from :func:`sample_rng`, seeded
-   by ``(seed, epoch, the sample's key)``: the same whatever the processes, workers and shard layout (in
-   ``resampled`` mode also by ``(rank, worker, i)``, since a sample may recur in an epoch). Images are decoded
-   (early JPEG downscaling), transformed, and batched *in the worker*, captions tokenised to the batch's longest.
+3. Each sample leaving the buffer has a position ``i`` in its worker's stream. Its caption draw, random
+   crop, views and ``sample_seed`` (of the trainer's per-sample draws, :mod:`vlpretrain.layers.draws`) come
+   from :func:`sample_rng` of ``(seed, epoch, key)``: the same in any process, worker or shard layout
+   (``resampled`` mode adds ``(rank, worker, i)``: a sample may recur). Images are decoded (early JPEG
+   downscaling), transformed and batched *in the worker*, captions tokenised to the batch's longest.
 4. **Order.** Workers' batches are delivered round-robin (worker 0, 1, ..., 0, 1, ...; a finished
    worker drops out). PyTorch's DataLoader only approximates this when workers finish unevenly, so
    the main process re-orders into exactly this sequence (a few batches of buffering at most).
@@ -308,8 +306,7 @@ def sample_rng(seed: int, epoch: int, key: str, layout: tuple[int, ...] = ()) ->
     return np.random.default_rng([seed, epoch, *digest.tolist(), *layout])
 
 
-def _seeds(items: list) -> torch.Tensor:
-    """The items' sample seeds, int64 (n,)."""
+def _seeds(items: list) -> torch.Tensor:  # the items' sample seeds, int64 (n,)
     return torch.tensor([item[5] for item in items], dtype=torch.int64)
 
 
@@ -355,8 +352,8 @@ class ShardStream:
         to the device, and no float pass per sample in the workers); :meth:`normalize` makes them floats.
         ``views``: extra views of each training image ({name: ViewSpec}, the objectives' declared views) that
         the workers cut from the same decoded image into ``batch["views"]`` (:mod:`vlpretrain.data.views`);
-        with data.decode=device the workers decode nothing, so they make none (:attr:`views_in_workers` is
-        False and the objectives cut theirs on the device)."""
+        with data.decode=device the workers decode nothing, so they make none (:attr:`views` is empty and the
+        objectives cut theirs on the device)."""
         if split not in ("train", "val"):
             raise ValueError(f"split '{split}' is not one of train, val.")
         cfg.validate()
@@ -378,13 +375,11 @@ class ShardStream:
         settings = ImageSettings(size=image_size, mean=tuple(cfg.mean), std=tuple(cfg.std),
                                  crop_scale=tuple(cfg.crop_scale), crop_ratio=tuple(cfg.crop_ratio),
                                  hflip=cfg.hflip, max_pixels=cfg.max_image_pixels)
-        decode_on_device = self.train and cfg.decode == "device"
+        self.decode_on_device = decode_on_device = self.train and cfg.decode == "device"
         views = dict(views or {}) if self.train else {}
         for name, view in views.items():
             view.check(name, image_size)
-        self.decode_on_device = decode_on_device
         self.views = {} if decode_on_device else views  # what the workers cut (none when they decode nothing)
-        self.views_in_workers = bool(self.views)
         if decode_on_device and normalize:
             raise ValueError("data.decode=device hands the consumer JPEG bytes to decode: build the train stream "
                              "with normalize=False and pass each batch through device_decode.DeviceBatches.")
@@ -557,9 +552,8 @@ class ShardStream:
         return position
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue exactly after the last batch the stream whose :meth:`state_dict` this is delivered: this
-        rank's share, in the same layout (e.g. a stream rebuilt to cut other views, train/stream_views.py).
-        Batches that stream's workers had made but not delivered are read again."""
+        """Continue exactly after the last batch delivered by the stream whose :meth:`state_dict` this is, same
+        rank and layout (train/stream_views.py); what its workers made but did not deliver is read again."""
         layout = {k: state[k] for k in self._layout}
         if layout != self._layout or state["rank"] != self.rank:
             raise ValueError(f"a stream state of rank {state['rank']} in layout {layout} cannot continue in rank "

@@ -165,14 +165,16 @@ class VLModel(PreTrainedModel):
         return {f"backbone.{n}" for n in self.backbone.no_weight_decay()}
 
     # -- embeddings ---------------------------------------------------------------------------
-    def forward_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, 1 + N, D) final-normed image tokens (timm ``forward_features``)."""
-        return self.backbone(pixel_values=pixel_values, layout="image").image
+    def forward_features(self, pixel_values: torch.Tensor, seeds: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, C, H, W) -> (B, 1 + N, D) final-normed image tokens (timm ``forward_features``); ``seeds``:
+        the backbone's per-row patch-dropout seeds, if any."""
+        return self.backbone(pixel_values=pixel_values, layout="image", seeds=seeds).image
 
-    def pooled_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def pooled_image_features(self, pixel_values: torch.Tensor, seeds: torch.Tensor | None = None) -> torch.Tensor:
         """(B, C, H, W) -> (B, D) the final-normed cls token, what an image embedding reads; the last
-        block computes only that token (``pooled_only``: ~3/4 of its work skipped, same values)."""
-        return self.backbone(pixel_values=pixel_values, layout="image", pooled_only=True).image[:, 0]
+        block computes only that token (``pooled_only``: ~3/4 of its work skipped, same values). ``seeds``:
+        as in :meth:`forward_features`."""
+        return self.backbone(pixel_values=pixel_values, layout="image", pooled_only=True, seeds=seeds).image[:, 0]
 
     def encode_image(self, pixel_values: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """(B, C, H, W) -> (B, E) image embeddings, L2-normalised by default."""

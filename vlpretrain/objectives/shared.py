@@ -43,15 +43,13 @@ def shared_forward(model: nn.Module, batch: dict, needs: frozenset[str] | set[st
         out.image, out.caption, out.forwards = res.image, res.text, out.forwards + 1
         if layers:
             out.text = backbone.final_norm(res.layer_hidden[K], res.image.shape[1])[1]  # (B, T, D)
-    if "image" in needs and out.image is None:  # (model.forward_features, with the seeds)
-        out.image = backbone(pixel_values=pixels, layout="image", seeds=fork(seeds, "shared/image")).image
-        out.forwards += 1
+    if "image" in needs and out.image is None:
+        out.image, out.forwards = model.forward_features(pixels, fork(seeds, "shared/image")), out.forwards + 1
     if "text" in needs and out.text is None:
         out.text, out.forwards = model.text_features(ids, mask), out.forwards + 1
     if "image_pooled" in needs:
         if out.image is None:
-            out.image_pooled = backbone(pixel_values=pixels, layout="image", pooled_only=True,
-                                        seeds=fork(seeds, "shared/image")).image[:, 0]  # (model.pooled_image_features)
+            out.image_pooled = model.pooled_image_features(pixels, fork(seeds, "shared/image"))
             out.forwards += 1
         else:
             out.image_pooled = pool_image(out.image)

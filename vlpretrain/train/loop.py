@@ -246,8 +246,8 @@ class Trainer:
             seed=cfg.run.seed, pin_memory=accelerator.device.type == "cuda",
             normalize=False), accelerator.print)  # uint8 to the device, normalised there (_to_device)
         self.stream = self.views.stream_at(resumed_step(resume) if resume is not None else 0)
-        if self.views.note(self.stream):
-            accelerator.print(self.views.note(self.stream))
+        if note := self.views.note(self.stream):
+            accelerator.print(note)
         if resume is not None:
             check_data_position(resume, self.stream)
 
